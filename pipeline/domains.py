@@ -1,0 +1,76 @@
+"""Dataset descriptions from `data_manifests/*.yaml`: domain names, how to find a document's
+domain, weight presets and reference losses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from filters.errors import CurateError
+
+MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    name: str
+    domains: tuple[str, ...]                   # canonical domain names, in manifest order
+    set_names: dict[str, str]                  # raw value found in the data -> canonical domain
+    presets: dict[str, dict[str, float]]       # "uniform" / "llama" / "sheared" -> weights
+    reference_losses: dict[str, float]
+    text_field: str = "text"
+    domain_field: str = "meta.redpajama_set_name"   # dotted path into the JSON object
+    domain_from: str = "field"                  # "field" or "directory"
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def domain_of(self, raw: object) -> str | None:
+        """Canonical domain for a raw set name (or a canonical name itself); None if unknown."""
+        if not isinstance(raw, str):
+            return None
+        if raw in self.set_names:
+            return self.set_names[raw]
+        return raw if raw in self.domains else None
+
+
+def load_dataset_manifest(path: str | Path | None = None) -> DatasetManifest:
+    """Load a dataset manifest; `None` means the bundled SlimPajama one."""
+    p = Path(path) if path else MANIFEST_DIR / "slimpajama.yaml"
+    if not p.exists() and not p.suffix and (MANIFEST_DIR / f"{p}.yaml").exists():
+        p = MANIFEST_DIR / f"{p}.yaml"      # allow a bare name such as "slimpajama"
+    if not p.exists():
+        raise CurateError(f"dataset manifest {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise CurateError(f"dataset manifest {p} is not valid YAML: {e}") from e
+    doms = raw.get("domains") if isinstance(raw, dict) else None
+    if not isinstance(doms, dict) or not doms:
+        raise CurateError(f"dataset manifest {p}: 'domains' must be a mapping of domain name -> settings")
+    names = tuple(doms)
+    set_names = {}
+    presets: dict[str, dict[str, float]] = {"uniform": {d: 1.0 / len(names) for d in names}}
+    refs = {}
+    for d, s in doms.items():
+        s = s or {}
+        set_names[str(s.get("set_name", d))] = d
+        for key, val in s.items():
+            if key == "reference_loss":
+                refs[d] = float(val)
+            elif key != "set_name" and isinstance(val, (int, float)):
+                presets.setdefault(key, {})[d] = float(val)
+    for key, w in presets.items():
+        if set(w) != set(names):
+            raise CurateError(f"dataset manifest {p}: preset '{key}' does not give a weight for every domain")
+        total = sum(w.values())
+        presets[key] = {d: w[d] / total for d in names}
+    domain_from = raw.get("domain_from", "field")
+    if domain_from not in ("field", "directory"):
+        raise CurateError(f"dataset manifest {p}: domain_from must be 'field' or 'directory', not {domain_from!r}")
+    return DatasetManifest(
+        name=str(raw.get("name", p.stem)), domains=names, set_names=set_names, presets=presets,
+        reference_losses=refs, text_field=str(raw.get("text_field", "text")),
+        domain_field=str(raw.get("domain_field", "meta.redpajama_set_name")),
+        domain_from=domain_from, source=str(p),
+    )

