@@ -1,0 +1,98 @@
+"""What a run leaves to read: RUN/metrics.jsonl, RUN/domain_weights.jsonl, RUN/tensorboard/, and a
+progress bar. Only rank 0 writes. On resume the JSONL files are cut back to the checkpoint's step
+(the killed run may have logged past it) and TensorBoard purges the same steps, so nothing repeats.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS = "metrics.jsonl"
+DOMAIN_WEIGHTS = "domain_weights.jsonl"
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, max_steps: int, resumed: bool):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS, DOMAIN_WEIGHTS):
+            truncate_jsonl(self.run_dir / name, start_step if resumed else -1)
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops events a killed run wrote after the checkpoint we resume from
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if resumed else None)
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+
+    def log_step(self, record: dict, expert_load: dict[str, list[float]] | None = None) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.run_dir / METRICS, record)
+        step = record["step"]
+        for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            if record.get(key) is not None:
+                self.tb.add_scalar(f"train/{key}", record[key], step)
+        for layer, load in (expert_load or {}).items():
+            total = sum(load) or 1.0
+            for e, v in enumerate(load):
+                self.tb.add_scalar(f"expert_load/layer_{layer}/expert_{e}", v / total, step)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+
+    def log_domains(self, record: dict) -> None:
+        """One evaluation: {tokens, step, weights, eval_loss}."""
+        if not self.enabled:
+            return
+        append_jsonl(self.run_dir / DOMAIN_WEIGHTS, record)
+        for d, w in record["weights"].items():
+            self.tb.add_scalar(f"weights/{d}", w, record["step"])
+        for d, loss in record["eval_loss"].items():
+            self.tb.add_scalar(f"eval_loss/{d}", loss, record["step"])
+        self.tb.flush()
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(_finite(record)) + "\n")
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep records with step <= last_step (all of them are dropped when last_step < 0). A torn last
+    line (killed mid-write) is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _finite(record: dict) -> dict:
+    # JSON has no NaN/inf: a diverged loss is written as null rather than an unparsable file
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
