@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 
@@ -27,11 +28,11 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
                               "Start one with `dask scheduler` and workers with `dask worker ADDRESS`.") from e
         cluster = None
     else:
-        n = workers or 1
+        n = 1 if workers is None else workers
         if n < 1:
             raise CurateError(f"--workers must be at least 1, got {n}")
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", silence_logs="error")
+                                           dashboard_address=":0", silence_logs=logging.ERROR)
         client = distributed.Client(cluster)
     try:
         if not quiet:

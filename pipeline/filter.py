@@ -1,0 +1,178 @@
+"""`curate filter INPUT... --out DIR`: score and filter shards on Dask, one task per shard.
+
+The driver validates everything it can before any shard is read (inputs exist, the config is
+valid, every filter's models load), then submits one `stages.process_shard` task per shard that
+is not already done with the same config hash, shows progress, and finally aggregates the shard
+manifests into DIR/manifest.json. It knows no concrete filter: the chain comes from
+`filters.config.build_filters` and the output columns from the chain's `columns`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from filters.config import FilterConfig, build_filters, load_filter_config
+from filters.errors import CurateError
+from pipeline.cluster import dask_client
+from pipeline.domains import DatasetManifest, load_dataset_manifest
+from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
+                               shard_manifest_path, write_json)
+from pipeline.readers import Shard, discover_shards
+from pipeline.stages import load_chain, process_shard
+from pipeline.writers import remove_shard_outputs, remove_temporaries, score_columns
+
+#: bump when the output of a shard changes for the same inputs and config, so old results are redone
+OUTPUT_VERSION = 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files, directories (searched recursively for *.jsonl, *.jsonl.zst, *.jsonl.gz) or globs; "
+                        "local or any fsspec URL")
+    p.add_argument("--out", required=True, help="output directory (local, or shared by all workers of a remote cluster)")
+    p.add_argument("--config", help="filter config YAML (default: the length filter only)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes (default 1)")
+    where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--dataset", help="dataset manifest YAML naming domains and fields "
+                                     "(default: data_manifests/slimpajama.yaml)")
+    p.add_argument("--force", action="store_true", help="redo shards even when already done with the same config")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    m = run_filter(args.inputs, args.out, config=args.config, workers=args.workers, scheduler=args.scheduler,
+                   dataset=args.dataset, force=args.force, progress=not args.no_progress)
+    t, sh = m["totals"], m["shards"]
+    removed = ", ".join(f"{k} {v}" for k, v in t["removed"].items()) or "none"
+    print(f"{t['docs_in']} documents in, {t['kept']} kept, removed: {removed}, malformed {t['malformed']}; "
+          f"shards {sh['done']} done ({sh['skipped']} already done), {sh['failed']} failed -> {args.out}")
+    for f in m["failed"]:
+        print(f"failed shard {f['shard']}: {f['error']}", file=sys.stderr)
+    return 1 if m["failed"] else 0
+
+
+def _calibrate(cfg: FilterConfig, shards: list[Shard], client) -> FilterConfig:
+    """Where threshold calibration plugs in.
+
+    Called with the validated config, the shards and the connected Dask client, before the config
+    hash is computed, so calibrated thresholds become part of the hash (and of the manifest).
+    A calibration step may score a sample of `shards` on `client` and return a config with
+    per-domain thresholds filled in. Without one, the config runs as given.
+    """
+    return cfg
+
+
+def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest) -> str:
+    """What decides a shard's output: filter settings, model contents, how lines are parsed."""
+    key = {"version": OUTPUT_VERSION, "filters": cfg.to_dict(), "models": models,
+           "dataset": {"text_field": dataset.text_field, "domain_field": dataset.domain_field,
+                       "domain_from": dataset.domain_from, "set_names": dataset.set_names}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _failed_manifest(shard: Shard, h: str, error: str) -> dict:
+    return {"shard": shard.id, "source": shard.url, "status": "failed", "error": error, "config_hash": h,
+            **Tally().to_dict(), "bytes_read": 0, "file_bytes": shard.size, "duration_s": 0.0,
+            "outputs": [], "warnings": []}
+
+
+def run_filter(inputs: list[str], out: str | Path, config: str | None = None, workers: int | None = None,
+               scheduler: str | None = None, dataset: str | None = None, force: bool = False,
+               progress: bool = True) -> dict:
+    """Run the filter stage; returns the run manifest (also written to OUT/manifest.json)."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    if workers is not None and workers < 1:
+        raise CurateError(f"--workers must be at least 1, got {workers}")
+    cfg = load_filter_config(config)
+    ds = load_dataset_manifest(dataset)
+    shards = discover_shards(list(inputs), ds)
+    out_dir = Path(out).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CurateError(f"--out {out} exists and is not a directory")
+    # load every model here, so a missing or corrupt model fails before any shard is read
+    load_chain(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir)
+
+    with dask_client(workers=workers, scheduler=scheduler) as client:
+        cfg = _calibrate(cfg, shards, client)
+        chain = build_filters(cfg)
+        descriptions = [f.describe() for f in chain]
+        models = model_hashes(descriptions)
+        h = run_hash(cfg, models, ds)
+        columns = score_columns([c for f in chain for c in f.columns])
+
+        results: dict[str, dict] = {}
+        todo = []
+        for s in shards:
+            prev = None if force else read_shard_manifest(out_dir, s.id)
+            if prev and prev.get("status") == "done" and prev.get("config_hash") == h:
+                results[s.id] = prev
+            else:
+                todo.append(s)
+        skipped = len(results)
+        run_id = uuid.uuid4().hex[:8]
+        # biggest shards first: the last task to finish is then a small one
+        todo.sort(key=lambda s: -(s.size or 0))
+        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns,
+                                 key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
+        bar = tqdm(as_completed(futures), total=len(shards), initial=skipped, desc="shards", unit="shard",
+                   disable=not progress, file=sys.stderr)
+        for fut in bar:
+            s = futures[fut]
+            try:
+                results[s.id] = fut.result()
+            except Exception as e:  # the task failed on every attempt (a filter raised, its workers died)
+                err = f"{type(e).__name__}: {e}"
+                remove_shard_outputs(out_dir, s.id)
+                results[s.id] = _failed_manifest(s, h, err)
+                write_json(shard_manifest_path(out_dir, s.id), results[s.id])
+        bar.close()
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        address = client.scheduler.address if client.scheduler else None
+
+    # a retried task's first attempt may have left a temporary file behind when its worker died
+    remove_temporaries(out_dir)
+    tally = Tally()
+    bytes_read = 0
+    failed = []
+    for s in shards:
+        m = results[s.id]
+        tally.merge(m)
+        bytes_read += m.get("bytes_read", 0)
+        if m["status"] != "done":
+            failed.append({"shard": s.id, "source": s.url, "error": m.get("error")})
+    totals = tally.to_dict()
+    if not adds_up(totals):
+        raise RuntimeError(f"counts do not add up: {totals}")   # a bug, never a user error
+    wall = time.perf_counter() - t0
+    manifest = {
+        "kind": "filter",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [str(i) for i in inputs],
+        "out": str(out_dir),
+        "dataset": {"name": ds.name, "source": ds.source, "domains": list(ds.domains)},
+        "config": cfg.to_dict(), "config_source": cfg.source, "config_hash": h,
+        "filters": descriptions, "models": models, "columns": list(columns),
+        "packages": package_versions(),
+        "cluster": {"scheduler": address, "workers": n_workers},
+        "shards": {"total": len(shards), "done": len(shards) - len(failed), "failed": len(failed),
+                   "skipped": skipped},
+        "failed": failed,
+        "totals": totals,
+        "bytes_read": bytes_read,
+        "wall_s": round(wall, 3),
+        "docs_per_s": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

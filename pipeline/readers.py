@@ -1,0 +1,252 @@
+"""Find SlimPajama shards and stream their lines as documents, with bounded memory.
+
+    shards = discover_shards(["data/", "s3://bucket/part-*.jsonl.zst"], dataset)
+    for rec in read_shard(shards[0], dataset):
+        rec.malformed   # None for a document, else what is wrong ("bad_json", "non_utf8", ...)
+
+Inputs are files, directories (searched recursively) or globs, local or any fsspec URL. A shard
+is read in fixed-size compressed blocks and split into lines, so memory does not grow with the
+file. Every line comes out as a `Record`: a bad line is not skipped but reported as malformed, so
+the writer can keep it (with `reason = malformed:<what>`) and the counts add up. A stream that
+breaks (a truncated `.zst`, a corrupt `.gz`) raises `ShardReadError` after the lines read so far.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import zstandard
+
+from filters.errors import CurateError
+from pipeline.domains import DatasetManifest
+
+SUFFIXES = (".jsonl.zst", ".jsonl.gz", ".jsonl")
+BLOCK = 1 << 18          # compressed bytes read at a time
+UNKNOWN_DOMAIN = "unknown"   # by_domain key for lines whose domain could not be determined
+
+
+class ShardReadError(Exception):
+    """The shard's byte stream broke part-way (truncated or corrupt compression, I/O error)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: str                     # stable, unique: path relative to the common input root, sanitized
+    url: str                    # what fsspec opens (a plain path for local files)
+    dir_domain: str | None      # canonical domain of the containing folder (domain_from: directory)
+    dir_name: str               # the containing folder's name, for the error when it is unknown
+    size: int | None = None     # compressed bytes, when the filesystem reports it
+
+
+@dataclass
+class Record:
+    id: str                     # f"{shard_id}:{line}"
+    text: str                   # the document text; for a malformed line, the line itself
+    domain: str | None          # canonical domain; None when it could not be determined
+    source: str                 # shard url
+    line: int                   # 1-based line number in the decompressed shard
+    malformed: str | None = None
+    nbytes: int = 0             # bytes of the line, for throughput figures
+
+
+# ----------------------------------------------------------------------------- discovery
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _is_shard_name(path: str) -> bool:
+    name = posixpath.basename(path)
+    return name.endswith(SUFFIXES) and not name.startswith(".")
+
+
+def _strip_suffix(path: str) -> str:
+    for suf in SUFFIXES:
+        if path.endswith(suf):
+            return path[: -len(suf)]
+    return path
+
+
+def discover_shards(inputs: list[str], dataset: DatasetManifest) -> list[Shard]:
+    """Expand inputs into shards, sorted by id. Raises CurateError for a missing path or no files."""
+    if not inputs:
+        raise CurateError("no input given: name files, directories or globs of *.jsonl[.zst|.gz]")
+    found: dict[str, tuple[fsspec.AbstractFileSystem, int | None]] = {}   # stripped path -> (fs, size)
+    for inp in inputs:
+        try:
+            fs, path = fsspec.core.url_to_fs(inp)
+        except (ImportError, ValueError) as e:
+            raise CurateError(f"cannot open input {inp}: {e} (is the filesystem package for this URL installed?)") from e
+        if _has_glob(path):
+            matches = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isdir(path):
+            matches = list(fs.find(path))
+        elif fs.isfile(path):
+            matches = [path]
+            if not _is_shard_name(path):
+                raise CurateError(f"input {inp} is not a *.jsonl, *.jsonl.zst or *.jsonl.gz file")
+        else:
+            raise CurateError(f"input {inp} does not exist")
+        matches = [p for p in matches if _is_shard_name(p)]
+        if not matches:
+            raise CurateError(f"input {inp} contains no *.jsonl, *.jsonl.zst or *.jsonl.gz files")
+        for p in matches:
+            found[_url(fs, p)] = (fs, _size(fs, p))
+
+    stripped = {u: fsspec.core.url_to_fs(u)[1] for u in found}
+    try:
+        root = posixpath.commonpath([posixpath.dirname(p) for p in stripped.values()])
+    except ValueError:          # mixed absolute and relative paths: fall back to full paths
+        root = ""
+    ids: dict[str, list[str]] = {}
+    for url, p in stripped.items():
+        rel = posixpath.relpath(p, root) if root else p.lstrip("/")
+        sid = re.sub(r"[^A-Za-z0-9._-]+", "_", _strip_suffix(rel).replace("/", "__")).strip("_") or "shard"
+        ids.setdefault(sid, []).append(url)
+    shards = []
+    for sid, urls in ids.items():
+        for url in urls:
+            # two paths that sanitise alike (a.jsonl and a.jsonl.zst) get a short hash of the path
+            uid = sid if len(urls) == 1 else f"{sid}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+            folder = posixpath.basename(posixpath.dirname(stripped[url]))
+            shards.append(Shard(id=uid, url=url, dir_domain=dataset.domain_of(folder), dir_name=folder,
+                                size=found[url][1]))
+    return sorted(shards, key=lambda s: s.id)
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    # local files keep a plain path (what users see in `source`); others keep their protocol
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def _size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    try:
+        return fs.size(path)
+    except (OSError, NotImplementedError):
+        return None
+
+
+# ----------------------------------------------------------------------------- streaming
+def _zstd_blocks(f) -> Iterator[bytes]:
+    """Decompressed blocks of a (possibly multi-frame) zstd stream; raises if it ends mid-frame.
+
+    zstandard's stream_reader treats a truncated stream as a clean end of file, so the frame
+    state is tracked here with decompressobj, which exposes whether the frame was completed.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    while block := f.read(BLOCK):
+        while block:
+            try:
+                out = dobj.decompress(block)
+            except zstandard.ZstdError as e:
+                raise ShardReadError(f"corrupt zstd data: {e}") from e
+            in_frame = not dobj.eof
+            if out:
+                yield out
+            block = dobj.unused_data if dobj.eof else b""
+            if dobj.eof:
+                dobj = dctx.decompressobj()
+    if in_frame:
+        raise ShardReadError("truncated zstd stream: the file ends in the middle of a frame")
+
+
+def _gzip_blocks(f) -> Iterator[bytes]:
+    try:
+        with gzip.GzipFile(fileobj=f) as g:
+            while block := g.read(BLOCK):
+                yield block
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise ShardReadError(f"corrupt or truncated gzip stream: {e}") from e
+
+
+def _plain_blocks(f) -> Iterator[bytes]:
+    while block := f.read(BLOCK):
+        yield block
+
+
+def iter_lines(url: str) -> Iterator[bytes]:
+    """The lines of a shard (without the newline), decompressed by suffix, in bounded memory."""
+    blocks = _zstd_blocks if url.endswith(".zst") else _gzip_blocks if url.endswith(".gz") else _plain_blocks
+    try:
+        with fsspec.open(url, "rb") as f:
+            pending = bytearray()
+            for block in blocks(f):
+                start = 0
+                while (nl := block.find(b"\n", start)) >= 0:
+                    if pending:
+                        pending += block[start:nl]
+                        yield bytes(pending)
+                        pending.clear()
+                    else:
+                        yield block[start:nl]
+                    start = nl + 1
+                pending += block[start:]
+            if pending:
+                yield bytes(pending)
+    except OSError as e:
+        raise ShardReadError(f"I/O error: {e}") from e
+
+
+def _lookup(obj: dict, dotted: str) -> object:
+    for key in dotted.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def parse_line(raw: bytes, shard: Shard, line: int, dataset: DatasetManifest) -> Record:
+    """One line -> a document, or a malformed record saying what is wrong with it."""
+    rid = f"{shard.id}:{line}"
+
+    def bad(kind: str, text: str, domain: str | None = None) -> Record:
+        return Record(rid, text, domain, shard.url, line, malformed=kind, nbytes=len(raw))
+
+    raw = raw.rstrip(b"\r")
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # backslashreplace keeps the offending bytes recoverable from the rejected file
+        return bad("non_utf8", raw.decode("utf-8", "backslashreplace"), shard.dir_domain)
+    if not s.strip():
+        return bad("empty_line", s, shard.dir_domain)
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError:
+        return bad("bad_json", s, shard.dir_domain)
+    if not isinstance(obj, dict):
+        return bad("not_object", s, shard.dir_domain)
+
+    if dataset.domain_from == "directory":
+        domain = shard.dir_domain
+        if domain is None:
+            return bad("unknown_domain", s)
+    else:
+        raw_domain = _lookup(obj, dataset.domain_field)
+        if raw_domain is None:
+            return bad("missing_domain", s)
+        domain = dataset.domain_of(raw_domain)
+        if domain is None:
+            return bad("unknown_domain", s)
+
+    text = _lookup(obj, dataset.text_field)
+    if text is None:
+        return bad("missing_text", s, domain)
+    if not isinstance(text, str):
+        return bad("text_not_string", s, domain)
+    if not text.strip():
+        return bad("empty_text", s, domain)
+    return Record(rid, text, domain, shard.url, line, nbytes=len(raw))
+
+
+def read_shard(shard: Shard, dataset: DatasetManifest) -> Iterator[Record]:
+    """Every line of a shard as a Record, in order; ShardReadError if the stream breaks."""
+    for line, raw in enumerate(iter_lines(shard.url), start=1):
+        yield parse_line(raw, shard, line, dataset)

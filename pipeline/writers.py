@@ -1,0 +1,169 @@
+"""Streaming, atomic Parquet output of one shard.
+
+    out = ShardOutput(out_dir, shard_id, score_columns=("ad_score", "perplexity", ...))
+    out.add(records, scores, reasons)     # any number of times; row groups are flushed as they fill
+    paths = out.commit()                  # rename temporaries into place, drop stale files
+
+Kept documents go to `kept/<domain>/<shard-id>.parquet` (one file per domain the shard has),
+rejected ones to `rejected/<shard-id>.parquet` with a `reason`. Each file is written under a
+temporary name in its final directory and renamed with os.replace, so a reader (or a resumed run)
+never sees a half-written file. Temporary names end in `.tmp` and start with a dot.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: score columns every output has, whether or not the chain fills them (null when not scored)
+REQUIRED_SCORES = ("ad_score", "perplexity")
+ROW_GROUP_ROWS = 4096
+ROW_GROUP_BYTES = 8 << 20     # flush earlier for long documents (books, arXiv) to bound memory
+TMP_SUFFIX = ".tmp"
+
+
+def score_columns(chain_columns: Sequence[str]) -> tuple[str, ...]:
+    """Required score columns first, then the chain's others, in chain order."""
+    return tuple(dict.fromkeys([*REQUIRED_SCORES, *chain_columns]))
+
+
+def output_schema(scores: Sequence[str], rejected: bool) -> pa.Schema:
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string()),
+              pa.field("domain", pa.string()), pa.field("source", pa.string()),
+              pa.field("line", pa.int64(), nullable=False)]
+    fields += [pa.field(c, pa.float64()) for c in scores]
+    if rejected:
+        fields.append(pa.field("reason", pa.string(), nullable=False))
+    return pa.schema(fields)
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def temporary_path(final: Path) -> Path:
+    # unique per attempt, so a retried task never writes into a file an earlier attempt holds open
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def remove_temporaries(root: Path) -> int:
+    """Delete temporary files left by an interrupted run; returns how many."""
+    n = 0
+    if root.is_dir():
+        for p in root.rglob(f".*{TMP_SUFFIX}"):
+            if p.is_file() and is_temporary(p.name):
+                p.unlink()
+                n += 1
+    return n
+
+
+class ParquetSink:
+    """One Parquet file written in row groups as rows arrive, under a temporary name."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path, self.schema = path, schema
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temporary_path(path)
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.rows = 0
+        self._buf: dict[str, list] = {f.name: [] for f in schema}
+        self._buf_bytes = 0
+
+    def append(self, row: dict) -> None:
+        for name, col in self._buf.items():
+            col.append(row.get(name))
+        self._buf_bytes += len(row["text"])
+        self.rows += 1
+        if len(self._buf["id"]) >= ROW_GROUP_ROWS or self._buf_bytes >= ROW_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf["id"]:
+            self.writer.write_table(pa.Table.from_pydict(self._buf, schema=self.schema))
+            for col in self._buf.values():
+                col.clear()
+            self._buf_bytes = 0
+
+    def commit(self) -> Path:
+        self.flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _score(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+class ShardOutput:
+    """All output files of one shard: kept per domain, rejected."""
+
+    def __init__(self, out_dir: Path, shard_id: str, scores: Sequence[str]) -> None:
+        self.out_dir, self.shard_id, self.scores = Path(out_dir), shard_id, tuple(scores)
+        self.kept_schema = output_schema(self.scores, rejected=False)
+        self.rejected_schema = output_schema(self.scores, rejected=True)
+        self.kept: dict[str, ParquetSink] = {}
+        self.rejected: ParquetSink | None = None
+
+    def kept_path(self, domain: str) -> Path:
+        return self.out_dir / "kept" / domain / f"{self.shard_id}.parquet"
+
+    def rejected_path(self) -> Path:
+        return self.out_dir / "rejected" / f"{self.shard_id}.parquet"
+
+    def add(self, rec, scores: dict[str, float], reason: str | None) -> None:
+        """One record (a readers.Record) with its scores; reason None means kept."""
+        row = {"id": rec.id, "text": rec.text, "domain": rec.domain, "source": rec.source, "line": rec.line}
+        for c in self.scores:
+            row[c] = _score(scores.get(c))
+        if reason is None:
+            sink = self.kept.get(rec.domain)
+            if sink is None:
+                sink = self.kept[rec.domain] = ParquetSink(self.kept_path(rec.domain), self.kept_schema)
+        else:
+            row["reason"] = reason
+            if self.rejected is None:
+                self.rejected = ParquetSink(self.rejected_path(), self.rejected_schema)
+            sink = self.rejected
+        sink.append(row)
+
+    def commit(self) -> list[str]:
+        """Move every file into place and delete this shard's files from an earlier run that this
+        run did not produce (say a domain whose documents are now all rejected). Returns the
+        written paths relative to the output directory."""
+        sinks = [*self.kept.values(), *([self.rejected] if self.rejected else [])]
+        written = {s.commit() for s in sinks}
+        remove_shard_outputs(self.out_dir, self.shard_id, keep=written)
+        return sorted(str(p.relative_to(self.out_dir)) for p in written)
+
+    def abort(self) -> None:
+        for s in [*self.kept.values(), *([self.rejected] if self.rejected else [])]:
+            s.abort()
+
+
+def remove_shard_outputs(out_dir: Path, shard_id: str, keep: set[Path] = frozenset()) -> list[Path]:
+    """Delete a shard's final output files (except `keep`); returns what was deleted."""
+    out_dir = Path(out_dir)
+    candidates = list((out_dir / "kept").glob(f"*/{shard_id}.parquet")) + [out_dir / "rejected" / f"{shard_id}.parquet"]
+    removed = []
+    for p in candidates:
+        if p.exists() and p not in keep:
+            p.unlink()
+            removed.append(p)
+    return removed
