@@ -1,0 +1,282 @@
+"""Expert construction: split each dense FFN's intermediate neurons into experts (LLaMA-MoE, Sec. 3).
+
+A SwiGLU FFN is a sum over its intermediate neurons j of  down[:, j] * silu(gate[j] . x) * (up[j] . x),
+so any set of neurons, with its rows of gate/up and columns of down, is a smaller FFN. An expert is
+such a set. The four methods differ in how the sets are chosen:
+
+  independent-random      a seeded random equal partition (the paper's best)
+  independent-clustering  balanced k-means on the (normalised) rows of up_proj; gate and down follow
+  sharing-inner           each expert takes the neurons most important for its share of a calibration
+                          batch (first-order Taylor |w * dL/dw|); experts may overlap, and neurons no
+                          expert ranks highly are dropped, as in LLaMA-MoE's GradientSplit
+  sharing-inter           the neurons most experts rank highly form an always-on shared part; the rest
+                          are dealt out to the experts without overlap (LLaMA-MoE's residual split)
+
+Independent methods and sharing-inter use every neuron exactly once, so with experts = top-k = scale
+and a zero gate (every expert selected with weight 1/E, times E) the MoE computes the dense FFN exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from filters.errors import CurateError
+from trainer.model import LlamaMoE, ModelConfig
+from trainer.moe import MoEConfig, MoELayer
+
+METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
+
+
+@dataclass
+class ConvertSettings:
+    experts: int
+    top_k: int
+    method: str
+    gate: str = "linear"
+    gate_init: str = "random"
+    scale: float | None = None          # None: experts / top_k
+    seed: int = 0
+    balance_loss: str | None = "cv2"
+    balance_coef: float = 0.01
+    shared_size: int | None = None       # sharing-inter only; None: about one expert's worth
+
+
+def expert_layout(intermediate: int, s: ConvertSettings) -> tuple[int, int]:
+    """(neurons per routed expert, neurons in the shared part) for a dense FFN of `intermediate` neurons."""
+    E = s.experts
+    if s.method not in METHODS:
+        raise CurateError(f"unknown method {s.method!r}; choose one of {', '.join(METHODS)}")
+    if E < 1 or E > intermediate:
+        raise CurateError(f"--experts must be between 1 and the FFN size {intermediate}, got {E}")
+    if s.method.startswith("independent"):
+        if intermediate % E:
+            divisors = [d for d in range(2, min(intermediate, 64) + 1) if intermediate % d == 0]
+            raise CurateError(f"the FFN's {intermediate} neurons do not split into {E} equal experts; "
+                              f"choose --experts among {divisors}")
+        return intermediate // E, 0
+    if s.method == "sharing-inner":
+        return intermediate // E, 0
+    # sharing-inter: about one expert's worth shared; expert size kept a multiple of 8 (grouped_mm rows
+    # must be 16-byte aligned in bf16); whatever does not divide evenly goes to the shared part.
+    if s.shared_size is None:
+        size = intermediate // (E + 1)
+        size = size - size % 8 if size >= 8 else size
+    else:
+        if not 0 <= s.shared_size < intermediate:
+            raise CurateError(f"--shared-size must be between 0 and {intermediate - 1}, got {s.shared_size}")
+        size = (intermediate - s.shared_size) // E
+    if size < 1:
+        raise CurateError(f"sharing-inter leaves no neurons for {E} experts; lower --shared-size or --experts")
+    return size, intermediate - E * size
+
+
+# ------------------------------------------------------------------------------ partitioning methods
+
+def random_partition(n: int, num_experts: int, generator: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    return [chunk.sort().values for chunk in perm.chunk(num_experts)]
+
+
+def balanced_assign(scores: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Assign each of n items to one of E bins, at most `capacity` per bin, preferring high scores.
+
+    Rounds of proposals: every unassigned item proposes to its best bin that still has room, and each
+    bin keeps its best proposers up to its room. A round either places every proposer or fills a bin,
+    so there are at most E rounds. scores [n, E] -> bin index [n].
+    """
+    n, E = scores.shape
+    if capacity * E < n:
+        raise ValueError(f"{n} items do not fit in {E} bins of {capacity}")
+    assign = torch.full((n,), -1, dtype=torch.long)
+    room = torch.full((E,), capacity, dtype=torch.long)
+    while True:
+        todo = (assign < 0).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            return assign
+        s = scores[todo].masked_fill((room == 0)[None, :], float("-inf"))
+        choice = s.argmax(1)
+        for e in choice.unique().tolist():
+            cand = todo[choice == e]
+            best = cand[scores[cand, e].argsort(descending=True, stable=True)[: int(room[e])]]
+            assign[best] = e
+            room[e] -= best.numel()
+
+
+def balanced_kmeans(rows: torch.Tensor, num_experts: int, generator: torch.Generator,
+                    iters: int = 30) -> list[torch.Tensor]:
+    """Equal-size clusters of the rows (cosine similarity on L2-normalised rows, as MoEfication)."""
+    x = torch.nn.functional.normalize(rows.float(), dim=1)
+    n = x.shape[0]
+    capacity = n // num_experts
+    centroids = x[torch.randperm(n, generator=generator)[:num_experts]]
+    assign = None
+    for _ in range(iters):
+        new = balanced_assign(x @ centroids.T, capacity)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+    return [(assign == e).nonzero().squeeze(1) for e in range(num_experts)]
+
+
+def taylor_scores(model: LlamaMoE, groups: list[torch.Tensor]) -> torch.Tensor:
+    """First-order Taylor importance of every FFN neuron, per calibration group: for group g and
+    neuron j of layer l, the sum over that neuron's weights (its gate and up rows, its down column) of
+    |w * dL/dw|, L being the LM loss on the group's sequences. Returns [layers, groups, neurons]."""
+    mlps = [layer.mlp for layer in model.layers]
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(".mlp." in f".{n}")  # gradients only where they are scored
+    scores = torch.zeros(len(mlps), len(groups), model.cfg.intermediate_size)
+    try:
+        for g, seqs in enumerate(groups):
+            model.zero_grad(set_to_none=True)
+            model(seqs[:, :-1], labels=seqs[:, 1:]).loss.backward()
+            for l, mlp in enumerate(mlps):
+                s = (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
+                s += (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
+                s += (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0)
+                scores[l, g] = s.detach().float().cpu()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return scores
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    # each group's scores sum to 1, so groups with a larger loss do not dominate comparisons
+    return scores / scores.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def sharing_inner_partition(scores: torch.Tensor, expert_size: int) -> list[torch.Tensor]:
+    """scores [E, n]: expert e takes its own top `expert_size` neurons (overlaps allowed)."""
+    return [s.topk(expert_size).indices.sort().values for s in scores]
+
+
+def sharing_inter_partition(scores: torch.Tensor, expert_size: int,
+                            shared_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """scores [E, n] -> (routed experts, shared neurons); every neuron used exactly once.
+
+    Shared: the neurons found in the most experts' top-`expert_size` lists (ties: larger summed
+    importance). Routed: the remaining neurons dealt out greedily by importance, `expert_size` each."""
+    E, n = scores.shape
+    norm = _normalised(scores)
+    votes = torch.zeros(n)
+    for s in norm:
+        votes[s.topk(expert_size).indices] += 1
+    # votes are small integers and summed normalised importance is below 1: one key sorts by both
+    key = votes + norm.sum(0) / (norm.sum(0).max() + 1e-30) * 0.5
+    order = key.argsort(descending=True, stable=True)
+    shared, rest = order[:shared_size].sort().values, order[shared_size:]
+    assign = balanced_assign(norm[:, rest].T, expert_size)
+    return [rest[assign == e].sort().values for e in range(E)], shared
+
+
+# -------------------------------------------------------------------------------------------- building
+
+def build_moe(dense: LlamaMoE, s: ConvertSettings, calibration: torch.Tensor | None = None,
+              calibration_note: str | None = None,
+              log: Callable[[str], None] = print) -> tuple[LlamaMoE, ModelConfig]:
+    """A LlamaMoE whose attention, norms and embeddings are the dense model's and whose FFNs are split
+    by `s.method`. `calibration` [n_seqs, T+1] token ids (sharing-* only; the caller decides where they
+    come from and describes it in `calibration_note`)."""
+    dcfg = dense.cfg
+    if dcfg.moe is not None:
+        raise CurateError("the input is already a mixture-of-experts model; give a dense LLaMA")
+    if s.top_k < 1 or s.top_k > s.experts:
+        raise CurateError(f"--top-k must be between 1 and --experts ({s.experts}), got {s.top_k}")
+    I = dcfg.intermediate_size
+    expert_size, shared_size = expert_layout(I, s)
+    gen = torch.Generator().manual_seed(s.seed)
+
+    scores = None
+    if s.method.startswith("sharing"):
+        if calibration is None or calibration.shape[0] < s.experts:
+            raise CurateError(f"{s.method} needs at least {s.experts} calibration sequences (one group per expert)")
+        groups = list(calibration.chunk(s.experts))[: s.experts]
+        log(f"importance: first-order Taylor scores on {calibration.shape[0]} sequences x "
+            f"{calibration.shape[1] - 1} tokens, {len(groups)} groups (one per expert)")
+        scores = taylor_scores(dense, groups)
+
+    experts_per_layer: list[list[torch.Tensor]] = []
+    shared_per_layer: list[torch.Tensor] | None = [] if s.method == "sharing-inter" else None
+    for l, layer in enumerate(dense.layers):
+        if s.method == "independent-random":
+            parts = random_partition(I, s.experts, gen)
+        elif s.method == "independent-clustering":
+            parts = balanced_kmeans(layer.mlp.up_proj.weight.detach(), s.experts, gen)
+        elif s.method == "sharing-inner":
+            parts = sharing_inner_partition(scores[l], expert_size)
+        else:
+            parts, shared = sharing_inter_partition(scores[l], expert_size, shared_size)
+            shared_per_layer.append(shared)
+        experts_per_layer.append(parts)
+
+    partition = {"experts": [[p.tolist() for p in parts] for parts in experts_per_layer],
+                 "shared": [sh.tolist() for sh in shared_per_layer] if shared_per_layer is not None else None}
+    moe_cfg = MoEConfig(num_experts=s.experts, top_k=s.top_k, expert_size=expert_size, scale=s.scale,
+                        gate=s.gate, gate_init=s.gate_init, balance_loss=s.balance_loss,
+                        balance_coef=s.balance_coef, shared_intermediate_size=shared_size, method=s.method,
+                        seed=s.seed, calibration=calibration_note, partition=partition)
+    cfg = ModelConfig(**{**dcfg.to_dict(), "moe": moe_cfg})
+    model = apply_partition(dense, cfg, gen)
+    _log_summary(log, cfg, I)
+    return model, cfg
+
+
+def apply_partition(dense: LlamaMoE, cfg: ModelConfig, generator: torch.Generator | None = None) -> LlamaMoE:
+    """The MoE model for `cfg` (whose moe.partition says which neurons go where), weights taken from
+    `dense`; gates initialised by cfg.moe.gate_init with `generator`."""
+    part = cfg.moe.partition
+    with torch.device("meta"):
+        model = LlamaMoE(cfg)
+    dense_state = dense.state_dict()
+    state = {k: v for k, v in dense_state.items() if ".mlp." not in k}
+    with torch.no_grad():
+        for l, layer in enumerate(dense.layers):
+            mlp = layer.mlp
+            Wg, Wu, Wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+            idx = [torch.tensor(p, dtype=torch.long) for p in part["experts"][l]]
+            state[f"layers.{l}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([Wg[i], Wu[i]]) for i in idx])
+            state[f"layers.{l}.mlp.experts.down_proj"] = torch.stack([Wd[:, i] for i in idx])
+            if part.get("shared") is not None:
+                sh = torch.tensor(part["shared"][l], dtype=torch.long)
+                state[f"layers.{l}.mlp.shared.gate_proj.weight"] = Wg[sh].clone()
+                state[f"layers.{l}.mlp.shared.up_proj.weight"] = Wu[sh].clone()
+                state[f"layers.{l}.mlp.shared.down_proj.weight"] = Wd[:, sh].clone()
+            gate = model.layers[l].mlp.router.gate
+            for name, p in gate.named_parameters():
+                state[f"layers.{l}.mlp.router.gate.{name}"] = torch.empty(p.shape, dtype=Wg.dtype)
+    model.load_state_dict(state, assign=True)
+    for m in model.moe_layers().values():
+        m.router.gate.reset(cfg.moe.gate_init, generator)
+    return model
+
+
+def neuron_use(partition: dict, num_layers: int, intermediate: int) -> torch.Tensor:
+    """[layers, neurons]: in how many parts (routed experts and the shared part) each neuron is."""
+    counts = torch.zeros(num_layers, intermediate, dtype=torch.long)
+    for l in range(num_layers):
+        parts = list(partition["experts"][l])
+        if partition.get("shared") is not None:
+            parts.append(partition["shared"][l])
+        for p in parts:
+            counts[l, torch.tensor(p, dtype=torch.long)] += 1
+    return counts
+
+
+def _log_summary(log, cfg: ModelConfig, intermediate: int) -> None:
+    m = cfg.moe
+    counts = neuron_use(m.partition, cfg.num_layers, intermediate)
+    covered = (counts > 0).float().mean().item()
+    shared_by_several = (counts > 1).float().mean().item()
+    p = cfg.param_counts()
+    log(f"{m.method}: {cfg.num_layers} layers x {m.num_experts} experts of {m.expert_size} neurons"
+        + (f" + {m.shared_intermediate_size} shared" if m.shared_intermediate_size else "")
+        + f", top-{m.top_k}, scale {m.scale:g}, gate {m.gate} ({m.gate_init} init)")
+    log(f"dense FFN neurons kept: {covered:.1%}; in more than one expert: {shared_by_several:.1%}")
+    log(f"parameters (non-embedding): {p['total'] / 1e6:.1f}M total, {p['active'] / 1e6:.1f}M active per token")

@@ -1,0 +1,334 @@
+"""The mixture-of-experts feed-forward layer of LLaMA-MoE: gates, balance losses, stacked experts.
+
+One MoE layer replaces one dense SwiGLU FFN. For every token the gate scores the experts, the k best
+are kept, their scores go through a softmax over those k (Mixtral's rule), and the output is
+
+    y = scale * sum_{i in top-k} p_i * expert_i(x)        (+ shared(x) for sharing-inter)
+
+where `scale` is the paper's rescale (experts / top-k by default): an expert holds 1/E of the dense
+FFN's neurons, so without it the converted model starts with FFN outputs k/E times too small.
+
+Experts are stored as stacked tensors (`gate_up_proj` [E, 2*I, H], `down_proj` [E, H, I], the layout
+of transformers' Mixtral), so computing them is two grouped GEMMs over the tokens sorted by expert:
+`torch.nn.functional.grouped_mm` in bf16 on CUDA, and an exact per-expert loop elsewhere. Routing is
+dropless: every token reaches all of its k experts, whatever the load.
+
+Nothing on the grouped path reads a GPU value back to the host (no .item(), .tolist(), nonzero), so a
+layer never stalls the CPU and the whole block compiles into one graph.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from filters.errors import CurateError
+
+GATES = ("linear", "noisy-mlp")
+GATE_INITS = ("zero", "random")
+BALANCE_LOSSES = ("cv2", "switch", None)
+EXPERT_IMPLS = ("auto", "grouped", "loop")
+
+# torch >= 2.10 has the public name; 2.8/2.9 only the private op with the same arguments.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class MoEConfig:
+    """How each FFN is split and routed. Saved inside the model config, so a converted model and every
+    training checkpoint carry the method, the seed and the exact neuron partition they came from."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int                      # intermediate neurons per routed expert
+    scale: float | None = None            # None: num_experts / top_k (the paper's rescale)
+    gate: str = "linear"                  # "linear" (Mixtral) or "noisy-mlp" (LLaMA-MoE)
+    gate_init: str = "random"             # "zero": uniform routing at the start; "random": N(0, 0.02)
+    balance_loss: str | None = "cv2"      # "cv2": CV^2(importance) + CV^2(load); "switch"; None
+    balance_coef: float = 0.01
+    noise_epsilon: float = 0.01           # noisy-mlp: noise std = softplus(W_noise x) + noise_epsilon
+    shared_intermediate_size: int = 0     # sharing-inter: neurons of the always-on shared part
+    method: str | None = None             # construction method, recorded by `curate convert`
+    seed: int | None = None
+    calibration: str | None = None        # what the importance scores were computed on (sharing-*)
+    # {"experts": [layer][expert][neuron index]], "shared": [layer][neuron index] | None}: indices into
+    # the dense FFN's intermediate neurons. Large, so kept out of repr.
+    partition: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> CurateError:
+            return CurateError(f"moe config: {key} {why} (got {getattr(self, key)!r})")
+
+        for key in ("num_experts", "top_k", "expert_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(key, "must be a positive integer")
+        if self.top_k > self.num_experts:
+            raise bad("top_k", f"cannot exceed num_experts={self.num_experts}")
+        if self.scale is None:
+            self.scale = self.num_experts / self.top_k
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or self.scale <= 0:
+            raise bad("scale", "must be a positive number")
+        self.scale = float(self.scale)
+        if self.gate not in GATES:
+            raise bad("gate", f"must be one of {', '.join(GATES)}")
+        if self.gate_init not in GATE_INITS:
+            raise bad("gate_init", f"must be one of {', '.join(GATE_INITS)}")
+        if self.balance_loss in ("none", "None"):
+            self.balance_loss = None
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise bad("balance_loss", "must be cv2, switch or none")
+        if not isinstance(self.balance_coef, (int, float)) or self.balance_coef < 0:
+            raise bad("balance_coef", "must be a non-negative number")
+        if not isinstance(self.noise_epsilon, (int, float)) or self.noise_epsilon < 0:
+            raise bad("noise_epsilon", "must be a non-negative number")
+        v = self.shared_intermediate_size
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise bad("shared_intermediate_size", "must be a non-negative integer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "moe config") -> "MoEConfig":
+        if not isinstance(raw, dict):
+            raise CurateError(f"{where}: 'moe' must be a mapping")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise CurateError(f"{where}: unknown key(s) moe.{', moe.'.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        missing = [k for k in ("num_experts", "top_k", "expert_size") if k not in raw]
+        if missing:
+            raise CurateError(f"{where}: missing key(s) moe.{', moe.'.join(missing)}")
+        return cls(**raw)
+
+
+class MLP(nn.Module):
+    """LLaMA's SwiGLU feed-forward block (the names match Hugging Face's LlamaMLP)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------- gates
+
+class LinearGate(nn.Module):
+    """logits = W x: exactly Mixtral's router, so a model with this gate exports to Mixtral."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def reset(self, init: str, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            if init == "zero":
+                self.weight.zero_()
+            else:
+                self.weight.normal_(0.0, 0.02, generator=generator)
+
+
+class NoisyMLPGate(nn.Module):
+    """LLaMA-MoE's gate: logits = W2 tanh(W1 x), plus training-only noise of std softplus(W_noise x) + eps.
+
+    The noise weights start at zero (std = softplus(0) + eps ~ 0.70), so early routing explores; the
+    model learns how much noise each token gets.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, num_experts, bias=False), nn.Tanh(),
+                                 nn.Linear(num_experts, num_experts, bias=False))
+        self.noise = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def reset(self, init: str, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            self.net[0].weight.normal_(0.0, 0.02, generator=generator)
+            if init == "zero":
+                # Only the output layer is zeroed: logits start at 0 (uniform routing) while W1 stays
+                # random, otherwise neither layer would ever receive a gradient.
+                self.net[2].weight.zero_()
+            else:
+                self.net[2].weight.normal_(0.0, 0.02, generator=generator)
+            self.noise.weight.zero_()
+
+
+def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation (unbiased variance / mean^2): zero when x is uniform."""
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    x = x.float()
+    return x.var() / (x.mean() ** 2 + eps)
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor   # [N, k] expert of each (token, slot), best first
+    weights: torch.Tensor   # [N, k] softmax over the k selected logits (fp32), before `scale`
+    counts: torch.Tensor    # [E] routed (token, slot) pairs per expert (fp32)
+    aux_loss: torch.Tensor  # scalar, already multiplied by balance_coef
+
+
+class Router(nn.Module):
+    """Top-k selection and the balance loss, for either gate."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = LinearGate(hidden_size, cfg.num_experts) if cfg.gate == "linear" \
+            else NoisyMLPGate(hidden_size, cfg.num_experts)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg, E, k = self.cfg, self.cfg.num_experts, self.cfg.top_k
+        # Routing decisions in fp32: bf16 logits tie often enough to change which experts win.
+        clean = self.gate(x).float()
+        noisy = self.training and cfg.gate == "noisy-mlp"
+        if noisy:
+            noise_std = F.softplus(self.gate.noise(x).float()) + cfg.noise_epsilon
+            logits = clean + torch.randn_like(clean) * noise_std
+        else:
+            logits = clean
+        smooth_load = noisy and cfg.balance_loss == "cv2" and k < E
+        top_vals, top_idx = logits.topk(k + 1 if smooth_load else k, dim=-1)
+        indices = top_idx[:, :k]
+        weights = torch.softmax(top_vals[:, :k], dim=-1)
+        ones = torch.ones_like(indices, dtype=torch.float32).reshape(-1)
+        counts = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(0, indices.reshape(-1), ones)
+
+        if cfg.balance_loss is None or cfg.balance_coef == 0:
+            aux = logits.new_zeros(())
+        elif cfg.balance_loss == "switch":
+            # Switch Transformer: E * sum_i f_i * P_i, f_i = fraction of routed slots that went to expert
+            # i (no gradient), P_i = mean router probability of expert i (carries the gradient).
+            f = counts / indices.numel()
+            p = torch.softmax(logits, dim=-1).mean(0)
+            aux = cfg.balance_coef * E * (f * p).sum()
+        else:
+            importance = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add(
+                0, indices.reshape(-1), weights.reshape(-1))
+            if smooth_load:
+                load = _smooth_load(clean, logits, noise_std, top_vals, k)
+            else:
+                load = counts  # without noise the load has no gradient; its CV^2 is still reported
+            aux = cfg.balance_coef * (cv_squared(importance) + cv_squared(load))
+        return Routing(indices, weights, counts, aux)
+
+
+def _smooth_load(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor,
+                 top_vals: torch.Tensor, k: int) -> torch.Tensor:
+    """Differentiable expected load (Shazeer et al. 2017, the noisy top-k gate): for each token and
+    expert, the probability that the expert would be in the top k under fresh noise, summed over
+    tokens. The threshold is the k-th best noisy logit of the other experts: the (k+1)-th value for an
+    expert currently in the top k, the k-th for one outside it."""
+    threshold_if_in = top_vals[:, k:k + 1]
+    threshold_if_out = top_vals[:, k - 1:k]
+    is_in = noisy > threshold_if_in
+    prob_if_in = torch.special.ndtr((clean - threshold_if_in) / noise_std)
+    prob_if_out = torch.special.ndtr((clean - threshold_if_out) / noise_std)
+    return torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+
+
+# --------------------------------------------------------------------------------------------- experts
+
+class Experts(nn.Module):
+    """E SwiGLU experts as two stacked weight tensors (transformers' Mixtral layout)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.expert_size = num_experts, hidden_size, expert_size
+        # rows [0, I) of gate_up_proj[e] are the gate projection, rows [I, 2I) the up projection
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """x [N, H]; indices, weights [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)."""
+        N, k = indices.shape
+        flat = indices.reshape(-1)
+        # Sort the N*k (token, slot) pairs by expert; a stable sort keeps token order inside a group.
+        expert_sorted, order = torch.sort(flat, stable=True)
+        # Tokens per expert without bincount: on CUDA bincount reads its max back to the host.
+        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.int32).scatter_add_(
+            0, expert_sorted.to(torch.int64), torch.ones_like(expert_sorted, dtype=torch.int32))
+        xs = x[order // k]
+        if self._use_grouped(x, impl):
+            ys = self._grouped(xs, counts)
+        else:
+            ys = self._loop(xs, counts)
+        # Un-permute with a copy (its backward is a gather), then weight and sum the k slots per token.
+        y = ys.new_zeros(ys.shape).index_copy(0, order, ys).view(N, k, -1)
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+    def _use_grouped(self, x: torch.Tensor, impl: str) -> bool:
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+        if impl != "auto":
+            if impl == "grouped" and _grouped_mm is None:
+                raise RuntimeError("this torch has neither torch.nn.functional.grouped_mm nor torch._grouped_mm")
+            return impl == "grouped"
+        # grouped_mm on CUDA wants bf16 and 16-byte aligned rows (multiples of 8 bf16 values).
+        return (_grouped_mm is not None and x.is_cuda and self._compute_dtype(x) == torch.bfloat16
+                and self.hidden_size % 8 == 0 and self.expert_size % 8 == 0)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # grouped_mm is not an autocast op: under autocast, cast to the autocast dtype ourselves.
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dt = self._compute_dtype(xs)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # offs[e] = end row of expert e's group
+        h = _grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
+
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The exact reference path: one expert at a time on its slice of the sorted tokens (what
+        LLaMA-MoE does). Reads the counts to the host, so it is for CPU and for comparison."""
+        outs = []
+        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+            if chunk.shape[0] == 0:
+                continue
+            gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        return torch.cat(outs) if outs else xs.new_zeros(0, self.hidden_size)
+
+
+class MoELayer(nn.Module):
+    """Router + experts (+ the always-on shared part for sharing-inter). Input and output [B, T, H]."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg, hidden_size)
+        self.experts = Experts(cfg.num_experts, hidden_size, cfg.expert_size)
+        self.shared = MLP(hidden_size, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else None
+        self.impl = "auto"            # "grouped" / "loop" force a path (tests, benchmarks)
+        self.record_routing = False   # keep the last top-k indices for routing analysis
+        self.last_load: torch.Tensor | None = None
+        self.last_routing: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        r = self.router(flat)
+        y = self.experts(flat, r.indices, r.weights * self.cfg.scale, self.impl)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        # Kept as device tensors: reading them is the caller's choice (and its sync).
+        self.last_load = (r.counts / r.indices.numel()).detach()
+        self.last_routing = r.indices.view(B, T, -1).detach() if self.record_routing else None
+        return y.view(B, T, H), r.aux_loss
