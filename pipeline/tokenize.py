@@ -1,0 +1,442 @@
+"""`curate tokenize DIR --tokenizer PATH --out TOKDIR`: kept Parquet -> per-domain packed token shards.
+
+One Dask task per `DIR/kept/<domain>/<shard>.parquet` encodes its documents in batches
+(`encode_batch_fast`) and writes, under a temporary name then renamed:
+
+    TOKDIR/shards/<domain>/<shard>.bin        all documents' tokens, back to back, each `[BOS] ids EOS`
+                                              (uint16 when the vocabulary fits, else uint32)
+    TOKDIR/shards/<domain>/<shard>.idx.npy    int64 document start offsets (n_docs + 1 entries)
+    TOKDIR/shards/<domain>/<shard>.docs.parquet   id, key (hash of the id), tokens per document
+    TOKDIR/shards/<domain>/<shard>.json       done marker, written last (status, config hash, counts)
+
+A re-run skips shards whose marker says done with the same tokenizer and input file. Then the
+driver (cheap, no tokenizing) chooses the held-out split: per domain, the documents with the
+smallest keys (blake2b of the id: deterministic, independent of shard order) until
+`--eval-tokens` tokens, at most a tenth of the domain's documents (at least one when it has two or
+more), so a small domain keeps most of its text for training. It writes
+
+    TOKDIR/eval/<domain>.bin, .idx.npy        the evaluation documents, packed the same way
+    TOKDIR/eval/<domain>.ids.json             their document ids, in that order
+    TOKDIR/train/<domain>.segments.npy        [S, 3] int64 (shard number, start, end): the training
+                                              stream = these token ranges in order, i.e. every shard
+                                              with the evaluation documents cut out (never trained on)
+    TOKDIR/manifest.json                      kind "tokenize", tokenizer, counts per domain and shard
+    TOKDIR/tokenizer.json (+ tokenizer_config.json, tokenizer_source.json)
+
+`samplers.PackedTokens(TOKDIR)` memory-maps the result.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from filters.errors import CurateError
+
+FORMAT_VERSION = 1
+DEFAULT_EVAL_TOKENS = 65536
+DEFAULT_BATCH_DOCS = 256
+MAX_EVAL_FRACTION = 10      # the evaluation split takes at most 1/10 of a domain's documents
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output directory of `curate filter` (reads DIR/kept/<domain>/*.parquet)")
+    p.add_argument("--tokenizer", required=True,
+                   help="HF tokenizer directory, tokenizer.json, SentencePiece .model, .gguf file, "
+                        "or train:VOCAB_SIZE to train a byte-level BPE on the kept text")
+    p.add_argument("--out", required=True, help="output token directory TOKDIR")
+    p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+                   help=f"held-out evaluation tokens per domain (default {DEFAULT_EVAL_TOKENS})")
+    p.add_argument("--batch-docs", type=int, default=DEFAULT_BATCH_DOCS,
+                   help=f"documents per encode_batch call (default {DEFAULT_BATCH_DOCS})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=int, default=None, help="local Dask worker processes (default 1)")
+    g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = tokenize_dir(args.dir, args.tokenizer, args.out, eval_tokens=args.eval_tokens,
+                            batch_docs=args.batch_docs, workers=args.workers, scheduler=args.scheduler)
+    t = manifest["totals"]
+    print(f"tokenized {t['docs']:,} documents: {t['train_tokens']:,} training and {t['eval_tokens']:,} "
+          f"evaluation tokens in {len(manifest['domains'])} domains -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ one shard
+@dataclass(frozen=True)
+class ShardJob:
+    parquet: str              # input file
+    domain: str
+    shard_id: str
+    prefix: str               # TOKDIR/shards/<domain>/<shard_id> (outputs add suffixes)
+    tokenizer_json: str
+    eos_id: int
+    bos_id: int | None        # None: no BOS before documents
+    dtype: str
+    config_hash: str
+    input_fingerprint: dict
+    batch_docs: int
+
+
+def _marker(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.json")
+
+
+def tokenize_shard(job: ShardJob) -> dict:
+    """Encode one Parquet file (runs on a Dask worker). Returns its marker; never raises for bad
+    input: a failure is written to the marker with the error, so the driver can report it."""
+    start = time.perf_counter()
+    try:
+        stats = _encode_shard(job)
+        marker = {"status": "done", **stats}
+    except Exception as e:  # recorded in the shard marker and reported by the driver, not swallowed
+        marker = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    marker.update(domain=job.domain, shard=job.shard_id, input=job.parquet, config_hash=job.config_hash,
+                  input_fingerprint=job.input_fingerprint, seconds=round(time.perf_counter() - start, 3))
+    from pipeline.writers import write_atomic
+    write_atomic(_marker(job.prefix), json.dumps(marker, indent=2).encode())
+    return marker
+
+
+def _encode_shard(job: ShardJob) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.writers import temporary_path
+
+    tok = _worker_tokenizer(job.tokenizer_json)
+    dtype = np.dtype(job.dtype)
+    head = [job.bos_id] if job.bos_id is not None else []
+    pf = pq.ParquetFile(job.parquet)
+    missing = {"id", "text"} - set(pf.schema_arrow.names)
+    if missing:
+        raise CurateError(f"{job.parquet} has no column(s) {', '.join(sorted(missing))}")
+    prefix = Path(job.prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    bin_path = Path(f"{prefix}.bin")
+    tmp_bin = temporary_path(bin_path)
+    ids: list[str] = []
+    lengths: list[int] = []
+    try:
+        with open(tmp_bin, "wb") as out:
+            for batch in pf.iter_batches(batch_size=job.batch_docs, columns=["id", "text"]):
+                texts = batch.column("text")
+                if texts.null_count:
+                    raise CurateError(f"{job.parquet}: {texts.null_count} document(s) with a null text")
+                encs = tok.encode_batch_fast(texts.to_pylist(), add_special_tokens=False)
+                docs = [head + e.ids + [job.eos_id] for e in encs]
+                lengths.extend(len(d) for d in docs)
+                # one array per batch: converting per document costs more than tokenizing short texts
+                flat = np.fromiter((t for d in docs for t in d), dtype=dtype, count=sum(len(d) for d in docs))
+                out.write(flat.tobytes())
+                ids.extend(batch.column("id").to_pylist())
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        keys = np.array([doc_key(i) for i in ids], dtype=np.uint64)
+        idx_path = Path(f"{prefix}.idx.npy")
+        tmp_idx = temporary_path(idx_path)
+        with open(tmp_idx, "wb") as f:
+            np.save(f, offsets)
+        docs_path = Path(f"{prefix}.docs.parquet")
+        tmp_docs = temporary_path(docs_path)
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "key": pa.array(keys, pa.uint64()),
+                                 "tokens": pa.array(np.diff(offsets), pa.int64())}), tmp_docs, compression="zstd")
+        for tmp, final in ((tmp_bin, bin_path), (tmp_idx, idx_path), (tmp_docs, docs_path)):
+            os.replace(tmp, final)
+    finally:
+        for p in Path(prefix).parent.glob(f".{Path(prefix).name}.*.tmp"):
+            p.unlink(missing_ok=True)
+    return {"docs": len(lengths), "tokens": int(offsets[-1])}
+
+
+def _worker_tokenizer(path: str):
+    """The tokenizer, loaded once per worker process (cc_net-style lazy loading)."""
+    cached = _TOKENIZERS.get(path)
+    if cached is None:
+        from tokenizers import Tokenizer
+        cached = _TOKENIZERS[path] = Tokenizer.from_file(path)
+    return cached
+
+
+_TOKENIZERS: dict = {}   # per-process cache: a worker loads each TOKDIR's tokenizer.json once
+
+
+def doc_key(doc_id: str) -> int:
+    """64-bit hash of a document id: decides the evaluation split, independent of shard order."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+
+
+# ------------------------------------------------------------------------------------ the driver
+def find_inputs(src: Path) -> list[tuple[str, str, Path]]:
+    """(domain, shard id, path) of every kept Parquet file, sorted."""
+    kept = src / "kept"
+    if not kept.is_dir():
+        raise CurateError(f"{kept} does not exist: give the --out directory of `curate filter`")
+    found = []
+    for p in sorted(kept.glob("*/**/*.parquet")):
+        if p.name.startswith("."):       # a filter run's temporary file
+            continue
+        rel = p.relative_to(kept)
+        domain = rel.parts[0]
+        shard = "__".join(rel.with_suffix("").parts[1:])
+        found.append((domain, shard, p))
+    if not found:
+        raise CurateError(f"no Parquet files under {kept}/<domain>/: did `curate filter` keep any documents?")
+    return found
+
+
+def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS,
+                 batch_docs: int = DEFAULT_BATCH_DOCS, workers: int | None = None,
+                 scheduler: str | None = None, quiet: bool = False) -> dict:
+    """The whole stage; returns the manifest it wrote."""
+    from pipeline.cluster import dask_client
+    from pipeline.tokenizer_io import parse_train_spec
+
+    src, out = Path(src), Path(out)
+    if eval_tokens < 0:
+        raise CurateError(f"--eval-tokens must be >= 0, got {eval_tokens}")
+    if batch_docs < 1:
+        raise CurateError(f"--batch-docs must be >= 1, got {batch_docs}")
+    inputs = find_inputs(src)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    vocab = parse_train_spec(tokenizer)
+    tok = _trained_tokenizer(inputs, vocab, out, log) if vocab else _load_and_save(tokenizer, out, log)
+    info = tok.describe()
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    config = {"format": FORMAT_VERSION, "tokenizer_sha256": info["sha256"], "eos_id": tok.eos_id,
+              "bos_id": tok.bos_id if tok.add_bos else None, "dtype": dtype}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    jobs, markers = [], {}
+    for domain, shard, path in inputs:
+        st = path.stat()
+        job = ShardJob(parquet=str(path), domain=domain, shard_id=shard,
+                       prefix=str(out / "shards" / domain / shard), tokenizer_json=str(out / "tokenizer.json"),
+                       eos_id=tok.eos_id, bos_id=config["bos_id"], dtype=dtype, config_hash=config_hash,
+                       input_fingerprint={"size": st.st_size, "mtime_ns": st.st_mtime_ns}, batch_docs=batch_docs)
+        done = _read_marker(job.prefix)
+        if (done and done.get("status") == "done" and done.get("config_hash") == config_hash
+                and done.get("input_fingerprint") == job.input_fingerprint and _outputs_exist(job.prefix)):
+            markers[(domain, shard)] = done
+        else:
+            jobs.append(job)
+    log(f"tokenize: {len(inputs)} shard(s), {len(markers)} already done, {len(jobs)} to do; "
+        f"tokenizer {info['kind']} vocab {tok.vocab_size} eos {tok.eos_id} "
+        f"bos {config['bos_id'] if config['bos_id'] is not None else '-'}")
+    start = time.perf_counter()
+    if jobs:
+        markers.update(_run_jobs(jobs, workers, scheduler, quiet, log))
+    seconds = time.perf_counter() - start
+    failed = [m for m in markers.values() if m["status"] != "done"]
+    if failed:
+        lines = "\n".join(f"  {m['domain']}/{m['shard']}: {m['error']}" for m in failed)
+        raise CurateError(f"{len(failed)} shard(s) failed (the others are done and will be skipped on a re-run; "
+                          f"fix the input and run again):\n{lines}")
+    manifest = _finalize(src, out, inputs, markers, info, dtype, config_hash, eval_tokens, log)
+    new_tokens = sum(markers[(j.domain, j.shard_id)]["tokens"] for j in jobs)
+    manifest["run"] = {"shards_tokenized": len(jobs), "shards_skipped": len(inputs) - len(jobs),
+                       "tokens_tokenized": new_tokens, "seconds": round(seconds, 3),
+                       "tokens_per_s": round(new_tokens / seconds, 1) if jobs and seconds > 0 else None}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int | None, scheduler: str | None, quiet: bool, log) -> dict:
+    import dask
+    from distributed import as_completed
+
+    from pipeline.cluster import dask_client
+
+    # One core per worker: tokenizers would otherwise start a thread pool per worker process
+    # (over-subscribing the cores --workers asked for). Applies to workers this run spawns.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.RAYON_NUM_THREADS": "1",
+                          "distributed.nanny.pre-spawn-environ.TOKENIZERS_PARALLELISM": "false"}):
+        with dask_client(workers, scheduler, quiet=quiet) as client:
+            futures = client.map(tokenize_shard, jobs, pure=False)
+            done = {}
+            for i, fut in enumerate(as_completed(futures), 1):
+                m = fut.result()
+                done[(m["domain"], m["shard"])] = m
+                if m["status"] == "done":
+                    log(f"[{i}/{len(jobs)}] {m['domain']}/{m['shard']}: {m['docs']:,} docs, "
+                        f"{m['tokens']:,} tokens in {m['seconds']:.1f}s")
+                else:
+                    log(f"[{i}/{len(jobs)}] {m['domain']}/{m['shard']}: FAILED {m['error']}")
+    return done
+
+
+def _load_and_save(spec: str, out: Path, log):
+    from pipeline.tokenizer_io import load_tokenizer
+    tok = load_tokenizer(spec)
+    tok.save(out)
+    return tok
+
+
+def _trained_tokenizer(inputs, vocab: int, out: Path, log):
+    """Train a BPE on the kept text, or reuse the one a previous run of the same spec trained on the
+    same files (training is the slow part of a resumed demo, and a retrained tokenizer would
+    invalidate every finished shard)."""
+    from pipeline.tokenizer_io import load_saved, train_bpe
+    fingerprint = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for _, _, p in inputs]
+    stamp = out / "tokenizer_trained_on.json"
+    if stamp.is_file() and (out / "tokenizer_source.json").is_file():
+        prev = json.loads(stamp.read_text())
+        if prev == {"vocab_size": vocab, "inputs": fingerprint}:
+            log(f"tokenize: reusing the BPE (vocab {vocab}) trained by a previous run")
+            return load_saved(out)
+    log(f"tokenize: training a byte-level BPE with vocab {vocab} on {len(inputs)} file(s)")
+    tok = train_bpe(iter_texts([p for _, _, p in inputs]), vocab)
+    tok.save(out)
+    _write_json(stamp, {"vocab_size": vocab, "inputs": fingerprint})
+    return tok
+
+
+def iter_texts(paths, batch_size: int = 1024):
+    import pyarrow.parquet as pq
+    for p in paths:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=["text"]):
+            yield from (t for t in batch.column("text").to_pylist() if t)
+
+
+def _finalize(src: Path, out: Path, inputs, markers: dict, info: dict, dtype: str, config_hash: str,
+              eval_tokens: int, log) -> dict:
+    """Choose the evaluation documents, write eval streams and training segments, build the manifest."""
+    import pyarrow.parquet as pq
+
+    from pipeline.writers import temporary_path
+
+    by_domain: dict[str, list[tuple[str, Path]]] = {}
+    for domain, shard, _ in inputs:
+        by_domain.setdefault(domain, []).append((shard, out / "shards" / domain / shard))
+    domains_out = {}
+    for domain in _domain_order(list(by_domain)):
+        shards = by_domain[domain]
+        tables = [pq.read_table(f"{prefix}.docs.parquet") for _, prefix in shards]
+        n_per_shard = [t.num_rows for t in tables]
+        keys = np.concatenate([t.column("key").to_numpy() for t in tables]) if tables else np.zeros(0, np.uint64)
+        ntok = np.concatenate([t.column("tokens").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+        doc_ids = [i for t in tables for i in t.column("id").to_pylist()]
+        shard_of = np.repeat(np.arange(len(shards)), n_per_shard)
+        local = np.concatenate([np.arange(n) for n in n_per_shard]) if tables else np.zeros(0, np.int64)
+
+        order = np.argsort(keys, kind="stable")
+        cum = np.cumsum(ntok[order])
+        n_eval = int(np.searchsorted(cum, eval_tokens) + 1) if eval_tokens > 0 and len(cum) else 0
+        n_eval = min(n_eval, max(len(keys) // MAX_EVAL_FRACTION, 1 if len(keys) >= 2 else 0))
+        eval_docs = order[:n_eval]
+        is_eval = np.zeros(len(keys), dtype=bool)
+        is_eval[eval_docs] = True
+
+        # eval stream: evaluation documents in key order
+        eval_dir = out / "eval"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        maps = [np.memmap(f"{prefix}.bin", dtype=dtype, mode="r") if n else None
+                for (_, prefix), n in zip(shards, n_per_shard)]
+        offsets = [np.load(f"{prefix}.idx.npy") for _, prefix in shards]
+        eval_bin = eval_dir / f"{domain}.bin"
+        tmp = temporary_path(eval_bin)
+        eval_offsets = [0]
+        with open(tmp, "wb") as f:
+            for d in eval_docs:
+                s, j = shard_of[d], local[d]
+                piece = maps[s][offsets[s][j]:offsets[s][j + 1]]
+                f.write(piece.tobytes())
+                eval_offsets.append(eval_offsets[-1] + len(piece))
+        os.replace(tmp, eval_bin)
+        _save_npy(eval_dir / f"{domain}.idx.npy", np.asarray(eval_offsets, dtype=np.int64))
+        _write_json(eval_dir / f"{domain}.ids.json", [doc_ids[d] for d in eval_docs])
+
+        # training segments: each shard's token range with the evaluation documents cut out
+        segments, shard_entries = [], []
+        for s, ((shard, prefix), n) in enumerate(zip(shards, n_per_shard)):
+            first = int(np.sum(n_per_shard[:s]))
+            held = is_eval[first:first + n]
+            seg_start = None
+            for j in range(n + 1):
+                train_doc = j < n and not held[j]
+                if train_doc and seg_start is None:
+                    seg_start = offsets[s][j]
+                elif not train_doc and seg_start is not None:
+                    segments.append((s, int(seg_start), int(offsets[s][j])))
+                    seg_start = None
+            shard_tokens = int(offsets[s][-1])
+            held_tokens = int(ntok[first:first + n][held].sum())
+            shard_entries.append({"id": shard, "file": str(Path(f"{prefix}.bin").relative_to(out)),
+                                  "docs": int(n), "tokens": shard_tokens,
+                                  "train_docs": int(n - held.sum()), "train_tokens": shard_tokens - held_tokens,
+                                  "eval_docs": int(held.sum()), "eval_tokens": held_tokens})
+        train_dir = out / "train"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        _save_npy(train_dir / f"{domain}.segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
+        del maps
+        train_tokens = sum(e["train_tokens"] for e in shard_entries)
+        domains_out[domain] = {
+            "docs": int(len(keys)), "tokens": int(ntok.sum()),
+            "train_docs": int(len(keys) - n_eval), "train_tokens": int(train_tokens),
+            "eval_docs": int(n_eval), "eval_tokens": int(eval_offsets[-1]),
+            "train_segments": f"train/{domain}.segments.npy", "eval_file": f"eval/{domain}.bin",
+            "eval_doc_ids": f"eval/{domain}.ids.json", "shards": shard_entries,
+        }
+        if n_eval and eval_offsets[-1] < eval_tokens:
+            log(f"tokenize: {domain}: only {eval_offsets[-1]:,} evaluation tokens (of {eval_tokens:,} asked): "
+                f"the domain is small and keeps {MAX_EVAL_FRACTION - 1}/{MAX_EVAL_FRACTION} of its documents for training")
+    totals = {k: sum(d[k] for d in domains_out.values())
+              for k in ("docs", "tokens", "train_docs", "train_tokens", "eval_docs", "eval_tokens")}
+    source_manifest = src / "manifest.json"
+    return {
+        "kind": "tokenize", "format": FORMAT_VERSION, "config_hash": config_hash,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"dir": str(src.resolve()),
+                   "filter_manifest_sha256": hashlib.sha256(source_manifest.read_bytes()).hexdigest()
+                   if source_manifest.is_file() else None},
+        "tokenizer": {**info, "file": "tokenizer.json"}, "vocab_size": info["vocab_size"],
+        "eos_id": info["eos_id"], "bos_id": info["bos_id"] if info["add_bos"] else None,
+        "dtype": dtype, "eval_tokens_requested": eval_tokens,
+        "separators": "each document is [BOS] tokens EOS" if info["add_bos"] else "each document is tokens EOS",
+        "domains": domains_out, "totals": totals,
+    }
+
+
+def _domain_order(domains: list[str]) -> list[str]:
+    """The dataset manifest's order for known domains, then the others alphabetically."""
+    from pipeline.domains import load_dataset_manifest
+    known = load_dataset_manifest().domains
+    return [d for d in known if d in domains] + sorted(d for d in domains if d not in known)
+
+
+def _read_marker(prefix: str) -> dict | None:
+    try:
+        return json.loads(_marker(prefix).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None     # not ours (our writes are atomic): redo the shard
+
+
+def _outputs_exist(prefix: str) -> bool:
+    return all(Path(f"{prefix}{s}").is_file() for s in (".bin", ".idx.npy", ".docs.parquet"))
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    from pipeline.writers import temporary_path
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    from pipeline.writers import write_atomic
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
