@@ -17,9 +17,12 @@ and a zero gate (every expert selected with weight 1/E, times E) the MoE compute
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from filters.errors import CurateError
@@ -280,3 +283,92 @@ def _log_summary(log, cfg: ModelConfig, intermediate: int) -> None:
         + f", top-{m.top_k}, scale {m.scale:g}, gate {m.gate} ({m.gate_init} init)")
     log(f"dense FFN neurons kept: {covered:.1%}; in more than one expert: {shared_by_several:.1%}")
     log(f"parameters (non-embedding): {p['total'] / 1e6:.1f}M total, {p['active'] / 1e6:.1f}M active per token")
+
+
+# ---------------------------------------------------------------------------------- calibration data
+
+def calibration_tokens(source: str | Path | None, dense_path: str | Path, cfg: ModelConfig, num_seqs: int,
+                       seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
+    """[num_seqs, seq_len + 1] token ids for importance scores, and a note saying where they came from.
+
+    source: None (uniformly random tokens: the scores then reflect the weights' response to noise, not
+    to language), a `curate tokenize` directory (training windows, domains taken in turn), or a text
+    file (.txt: the whole file; .jsonl: the "text" field of each line) tokenized with the dense model's
+    own tokenizer."""
+    gen = torch.Generator().manual_seed(seed)
+    if source is None:
+        return (torch.randint(0, cfg.vocab_size, (num_seqs, seq_len + 1), generator=gen),
+                f"random tokens ({num_seqs} x {seq_len + 1}, seed {seed}): no calibration data given")
+    p = Path(source)
+    if p.is_dir():
+        from samplers.packed import PackedTokens
+
+        tokens = PackedTokens(p)
+        domains = [d for d in tokens.domains if tokens.train_tokens(d) > 0]
+        if not domains:
+            raise CurateError(f"{p}: no domain has training tokens")
+        seqs = [tokens.train_sequence(domains[i % len(domains)], i // len(domains), seq_len) for i in range(num_seqs)]
+        ids = torch.from_numpy(np.stack(seqs).astype(np.int64))
+        note = f"{p} ({num_seqs} x {seq_len + 1} training tokens from {', '.join(domains)})"
+    elif p.is_file():
+        from trainer.checkpoint_io import load_tokenizer
+
+        tok = load_tokenizer(dense_path)
+        if tok is None:
+            raise CurateError(f"text calibration data needs the dense model's tokenizer, and {dense_path} has none; "
+                              "give a `curate tokenize` directory instead")
+        if p.suffix.lower() == ".jsonl":
+            docs = []
+            for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise CurateError(f"{p}:{n}: expected a JSON object with a \"text\" field") from None
+        else:
+            docs = [p.read_text(errors="replace")]
+        sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        stream = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + sep]
+        need = num_seqs * (seq_len + 1)
+        if len(stream) < seq_len + 1:
+            raise CurateError(f"{p}: only {len(stream)} tokens, fewer than one calibration sequence of {seq_len + 1}")
+        if len(stream) < need:
+            stream = (stream * (need // len(stream) + 1))  # a short file is reused rather than refused
+        ids = torch.tensor(stream[:need], dtype=torch.long).view(num_seqs, seq_len + 1)
+        note = f"{p} ({num_seqs} x {seq_len + 1} tokens)"
+    else:
+        raise CurateError(f"--calib-data {p}: no such file or directory")
+    if int(ids.max()) >= cfg.vocab_size:
+        raise CurateError(f"{p}: token id {int(ids.max())} is outside the model's vocabulary ({cfg.vocab_size}); "
+                          "was it tokenized with another tokenizer?")
+    return ids, note
+
+
+def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, gate: str = "linear",
+                  gate_init: str = "random", scale: float | None = None, seed: int = 0,
+                  balance_loss: str | None = "cv2", shared_size: int | None = None,
+                  calib_data: str | Path | None = None, calib_seqs_per_expert: int = 4, calib_len: int = 128,
+                  log: Callable[[str], None] = print) -> tuple[LlamaMoE, ModelConfig]:
+    """Load a dense LLaMA (any form `load_model` takes) and build the MoE: the core of `curate convert`,
+    also used by `curate train` to convert on the fly."""
+    from trainer.checkpoint_io import load_model
+
+    s = ConvertSettings(experts=experts, top_k=top_k, method=method, gate=gate, gate_init=gate_init, scale=scale,
+                        seed=seed, balance_loss=balance_loss, shared_size=shared_size)
+    model, cfg = load_model(dense, device="cpu", dtype=torch.float32)
+    log(f"dense model {dense}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
+        f"vocab {cfg.vocab_size}")
+    if cfg.moe is not None:
+        raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
+    calib = note = None
+    if method.startswith("sharing"):
+        calib, note = calibration_tokens(calib_data, dense, cfg, experts * calib_seqs_per_expert,
+                                         min(calib_len, cfg.max_seq_len), seed)
+        if calib_data is None:
+            log(f"calibration: {note} -- pass --calib-data for importance measured on real text")
+        else:
+            log(f"calibration: {note}")
+    elif calib_data is not None:
+        log(f"note: --calib-data is not used by {method}")
+    torch.manual_seed(seed)
+    return build_moe(model, s, calib, note, log)
