@@ -13,7 +13,8 @@ A re-run skips shards whose marker says done with the same tokenizer and input f
 driver (cheap, no tokenizing) chooses the held-out split: per domain, the documents with the
 smallest keys (blake2b of the id: deterministic, independent of shard order) until
 `--eval-tokens` tokens, at most a tenth of the domain's documents (at least one when it has two or
-more), so a small domain keeps most of its text for training. It writes
+more), so a small domain keeps most of its text for training; a domain of a single document
+(one book) holds out the last tenth of it (at most --eval-tokens) instead. It writes
 
     TOKDIR/eval/<domain>.bin, .idx.npy        the evaluation documents, packed the same way
     TOKDIR/eval/<domain>.ids.json             their document ids, in that order
@@ -34,13 +35,14 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from filters.errors import CurateError
+from pipeline.writers import temporary_path, write_atomic
 
 FORMAT_VERSION = 1
 DEFAULT_EVAL_TOKENS = 65536
@@ -103,7 +105,6 @@ def tokenize_shard(job: ShardJob) -> dict:
         marker = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     marker.update(domain=job.domain, shard=job.shard_id, input=job.parquet, config_hash=job.config_hash,
                   input_fingerprint=job.input_fingerprint, seconds=round(time.perf_counter() - start, 3))
-    from pipeline.writers import write_atomic
     write_atomic(_marker(job.prefix), json.dumps(marker, indent=2).encode())
     return marker
 
@@ -111,8 +112,6 @@ def tokenize_shard(job: ShardJob) -> dict:
 def _encode_shard(job: ShardJob) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.writers import temporary_path
 
     tok = _worker_tokenizer(job.tokenizer_json)
     dtype = np.dtype(job.dtype)
@@ -199,7 +198,6 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
                  batch_docs: int = DEFAULT_BATCH_DOCS, workers: int | None = None,
                  scheduler: str | None = None, quiet: bool = False) -> dict:
     """The whole stage; returns the manifest it wrote."""
-    from pipeline.cluster import dask_client
     from pipeline.tokenizer_io import parse_train_spec
 
     src, out = Path(src), Path(out)
@@ -312,86 +310,14 @@ def iter_texts(paths, batch_size: int = 1024):
 
 def _finalize(src: Path, out: Path, inputs, markers: dict, info: dict, dtype: str, config_hash: str,
               eval_tokens: int, log) -> dict:
-    """Choose the evaluation documents, write eval streams and training segments, build the manifest."""
-    import pyarrow.parquet as pq
-
-    from pipeline.writers import temporary_path
-
-    by_domain: dict[str, list[tuple[str, Path]]] = {}
+    """Choose the evaluation split, write eval streams and training segments, build the manifest."""
+    by_domain: dict[str, list[tuple[str, str]]] = {}
     for domain, shard, _ in inputs:
-        by_domain.setdefault(domain, []).append((shard, out / "shards" / domain / shard))
-    domains_out = {}
-    for domain in _domain_order(list(by_domain)):
-        shards = by_domain[domain]
-        tables = [pq.read_table(f"{prefix}.docs.parquet") for _, prefix in shards]
-        n_per_shard = [t.num_rows for t in tables]
-        keys = np.concatenate([t.column("key").to_numpy() for t in tables]) if tables else np.zeros(0, np.uint64)
-        ntok = np.concatenate([t.column("tokens").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
-        doc_ids = [i for t in tables for i in t.column("id").to_pylist()]
-        shard_of = np.repeat(np.arange(len(shards)), n_per_shard)
-        local = np.concatenate([np.arange(n) for n in n_per_shard]) if tables else np.zeros(0, np.int64)
-
-        order = np.argsort(keys, kind="stable")
-        cum = np.cumsum(ntok[order])
-        n_eval = int(np.searchsorted(cum, eval_tokens) + 1) if eval_tokens > 0 and len(cum) else 0
-        n_eval = min(n_eval, max(len(keys) // MAX_EVAL_FRACTION, 1 if len(keys) >= 2 else 0))
-        eval_docs = order[:n_eval]
-        is_eval = np.zeros(len(keys), dtype=bool)
-        is_eval[eval_docs] = True
-
-        # eval stream: evaluation documents in key order
-        eval_dir = out / "eval"
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        maps = [np.memmap(f"{prefix}.bin", dtype=dtype, mode="r") if n else None
-                for (_, prefix), n in zip(shards, n_per_shard)]
-        offsets = [np.load(f"{prefix}.idx.npy") for _, prefix in shards]
-        eval_bin = eval_dir / f"{domain}.bin"
-        tmp = temporary_path(eval_bin)
-        eval_offsets = [0]
-        with open(tmp, "wb") as f:
-            for d in eval_docs:
-                s, j = shard_of[d], local[d]
-                piece = maps[s][offsets[s][j]:offsets[s][j + 1]]
-                f.write(piece.tobytes())
-                eval_offsets.append(eval_offsets[-1] + len(piece))
-        os.replace(tmp, eval_bin)
-        _save_npy(eval_dir / f"{domain}.idx.npy", np.asarray(eval_offsets, dtype=np.int64))
-        _write_json(eval_dir / f"{domain}.ids.json", [doc_ids[d] for d in eval_docs])
-
-        # training segments: each shard's token range with the evaluation documents cut out
-        segments, shard_entries = [], []
-        for s, ((shard, prefix), n) in enumerate(zip(shards, n_per_shard)):
-            first = int(np.sum(n_per_shard[:s]))
-            held = is_eval[first:first + n]
-            seg_start = None
-            for j in range(n + 1):
-                train_doc = j < n and not held[j]
-                if train_doc and seg_start is None:
-                    seg_start = offsets[s][j]
-                elif not train_doc and seg_start is not None:
-                    segments.append((s, int(seg_start), int(offsets[s][j])))
-                    seg_start = None
-            shard_tokens = int(offsets[s][-1])
-            held_tokens = int(ntok[first:first + n][held].sum())
-            shard_entries.append({"id": shard, "file": str(Path(f"{prefix}.bin").relative_to(out)),
-                                  "docs": int(n), "tokens": shard_tokens,
-                                  "train_docs": int(n - held.sum()), "train_tokens": shard_tokens - held_tokens,
-                                  "eval_docs": int(held.sum()), "eval_tokens": held_tokens})
-        train_dir = out / "train"
-        train_dir.mkdir(parents=True, exist_ok=True)
-        _save_npy(train_dir / f"{domain}.segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
-        del maps
-        train_tokens = sum(e["train_tokens"] for e in shard_entries)
-        domains_out[domain] = {
-            "docs": int(len(keys)), "tokens": int(ntok.sum()),
-            "train_docs": int(len(keys) - n_eval), "train_tokens": int(train_tokens),
-            "eval_docs": int(n_eval), "eval_tokens": int(eval_offsets[-1]),
-            "train_segments": f"train/{domain}.segments.npy", "eval_file": f"eval/{domain}.bin",
-            "eval_doc_ids": f"eval/{domain}.ids.json", "shards": shard_entries,
-        }
-        if n_eval and eval_offsets[-1] < eval_tokens:
-            log(f"tokenize: {domain}: only {eval_offsets[-1]:,} evaluation tokens (of {eval_tokens:,} asked): "
-                f"the domain is small and keeps {MAX_EVAL_FRACTION - 1}/{MAX_EVAL_FRACTION} of its documents for training")
+        by_domain.setdefault(domain, []).append((shard, str(out / "shards" / domain / shard)))
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    domains_out = {domain: _split_domain(out, domain, by_domain[domain], dtype, eval_tokens, log)
+                   for domain in _domain_order(list(by_domain))}
     totals = {k: sum(d[k] for d in domains_out.values())
               for k in ("docs", "tokens", "train_docs", "train_tokens", "eval_docs", "eval_tokens")}
     source_manifest = src / "manifest.json"
@@ -407,6 +333,76 @@ def _finalize(src: Path, out: Path, inputs, markers: dict, info: dict, dtype: st
         "separators": "each document is [BOS] tokens EOS" if info["add_bos"] else "each document is tokens EOS",
         "domains": domains_out, "totals": totals,
     }
+
+
+def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: str, eval_tokens: int,
+                  log) -> dict:
+    """Hold out a domain's evaluation tokens; write eval/<domain>.* and train/<domain>.segments.npy."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f"{prefix}.docs.parquet") for _, prefix in shards]
+    offsets = [np.load(f"{prefix}.idx.npy") for _, prefix in shards]
+    keys = np.concatenate([t.column("key").to_numpy() for t in tables])
+    ntok = np.concatenate([t.column("tokens").to_numpy() for t in tables])
+    doc_ids = [i for t in tables for i in t.column("id").to_pylist()]
+    shard_of = np.concatenate([np.full(t.num_rows, s) for s, t in enumerate(tables)])
+    local = np.concatenate([np.arange(t.num_rows) for t in tables])
+
+    # Held-out token ranges (shard, start, end). Whole documents, smallest keys first, until
+    # eval_tokens, at most 1/MAX_EVAL_FRACTION of them; a one-document domain (a single book)
+    # holds out the tail of that document instead, so that it can still be evaluated.
+    order = np.argsort(keys, kind="stable")
+    if len(keys) >= 2 and eval_tokens > 0:
+        n_eval = int(np.searchsorted(np.cumsum(ntok[order]), eval_tokens)) + 1
+        chosen = order[:min(n_eval, max(len(keys) // MAX_EVAL_FRACTION, 1))]
+        held = [(int(shard_of[d]), int(offsets[shard_of[d]][local[d]]), int(offsets[shard_of[d]][local[d] + 1]))
+                for d in chosen]
+        split, eval_ids = "documents", [doc_ids[d] for d in chosen]
+    elif len(keys) == 1 and eval_tokens > 0 and ntok[0] >= MAX_EVAL_FRACTION:
+        s, end = int(shard_of[0]), int(offsets[shard_of[0]][1])
+        held = [(s, end - min(eval_tokens, int(ntok[0]) // MAX_EVAL_FRACTION), end)]
+        split, eval_ids = "tail-of-document", [doc_ids[0]]
+    else:
+        held, split, eval_ids = [], "none", []
+
+    maps = [np.memmap(f"{prefix}.bin", dtype=dtype, mode="r") if len(o) > 1 and o[-1] else None
+            for (_, prefix), o in zip(shards, offsets)]
+    eval_bin = out / "eval" / f"{domain}.bin"
+    tmp = temporary_path(eval_bin)
+    eval_offsets = [0]
+    with open(tmp, "wb") as f:
+        for s, a, b in held:
+            f.write(maps[s][a:b].tobytes())
+            eval_offsets.append(eval_offsets[-1] + b - a)
+    os.replace(tmp, eval_bin)
+    del maps
+    _save_npy(out / "eval" / f"{domain}.idx.npy", np.asarray(eval_offsets, dtype=np.int64))
+    _write_json(out / "eval" / f"{domain}.ids.json", eval_ids)
+
+    # training segments: every shard's tokens minus the held-out ranges, in shard order
+    segments, entries = [], []
+    for s, ((shard, prefix), o) in enumerate(zip(shards, offsets)):
+        cuts = sorted((a, b) for hs, a, b in held if hs == s)
+        pos = 0
+        for a, b in cuts + [(int(o[-1]), int(o[-1]))]:
+            if a > pos:
+                segments.append((s, pos, a))
+            pos = b
+        held_tokens = sum(b - a for a, b in cuts)
+        held_docs = len(cuts) if split == "documents" else 0
+        entries.append({"id": shard, "file": str(Path(f"{prefix}.bin").relative_to(out)),
+                        "docs": len(o) - 1, "tokens": int(o[-1]),
+                        "train_docs": len(o) - 1 - held_docs, "train_tokens": int(o[-1]) - held_tokens,
+                        "eval_docs": len(cuts), "eval_tokens": held_tokens})
+    _save_npy(out / "train" / f"{domain}.segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
+    if eval_tokens and eval_offsets[-1] < eval_tokens:
+        log(f"tokenize: {domain}: {eval_offsets[-1]:,} evaluation tokens (of {eval_tokens:,} asked), split "
+            f"'{split}': a small domain keeps most of its text for training")
+    return {"docs": len(keys), "tokens": int(ntok.sum()),
+            "train_docs": sum(e["train_docs"] for e in entries), "train_tokens": sum(e["train_tokens"] for e in entries),
+            "eval_docs": len(held), "eval_tokens": int(eval_offsets[-1]), "eval_split": split,
+            "train_segments": f"train/{domain}.segments.npy", "eval_file": f"eval/{domain}.bin",
+            "eval_doc_ids": f"eval/{domain}.ids.json", "shards": entries}
 
 
 def _domain_order(domains: list[str]) -> list[str]:
@@ -430,7 +426,6 @@ def _outputs_exist(prefix: str) -> bool:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from pipeline.writers import temporary_path
     tmp = temporary_path(path)
     with open(tmp, "wb") as f:
         np.save(f, arr)
@@ -438,5 +433,4 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    from pipeline.writers import write_atomic
     write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -23,8 +23,12 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filters.errors import CurateError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 TRAIN_PREFIX = "train:"
 ENDOFTEXT = "<|endoftext|>"
@@ -36,7 +40,7 @@ BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 
 @dataclass
 class LoadedTokenizer:
-    tokenizer: "tokenizers.Tokenizer"
+    tokenizer: "Tokenizer"            # tokenizers.Tokenizer
     kind: str                     # hf-directory | tokenizer-json | sentencepiece | gguf | trained-bpe
     spec: str                     # what the user passed
     source_sha256: str            # sha256 of the source file (of tokenizer.json for a directory / trained)
