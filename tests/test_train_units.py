@@ -46,7 +46,8 @@ def write_yaml(path, raw):
     ({"data__global_batch_tokens": 33}, "data.global_batch_tokens"),
     ({"model__convert": {"experts": 8}}, "model.convert"),
     ({"model__dense": "dense"}, "model"),
-    ({"sampler__kindd": "static"}, "sampler.kindd"),
+    ({"sampler__kindd": "static"}, "kindd"),
+    ({"sampler__rule": "guess"}, "rule"),
     ({"bogus": 1}, "bogus"),
 ])
 def test_bad_config_names_the_key(tmp_path, change, key):
@@ -101,7 +102,7 @@ def test_weight_decay_off_norms_and_biases():
 def save(run, step, keep=2, payload=b"x"):
     return ckpt.write_checkpoint(
         run, step, step * 100, config={"a": 1}, config_hash="h1",
-        write_model=lambda d: (d / "model.safetensors").write_bytes(payload * 1000),
+        write_model=lambda d: (d.mkdir(), (d / "model.safetensors").write_bytes(payload * 1000)),
         trainer_state={"step": step}, rank_state={"rng": torch.get_rng_state()}, rank=0, world_size=1,
         barrier=lambda: None, keep=keep)
 

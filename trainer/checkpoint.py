@@ -60,20 +60,19 @@ def write_checkpoint(run_dir: str | Path, step: int, tokens: int, *, config: dic
                      rank_state: dict, rank: int, world_size: int, barrier: Callable[[], None],
                      keep: int) -> Path:
     """Write step_<step> atomically. Every rank calls this; rank 0 writes the model, trainer state and
-    the marker, each rank its own `rank_<r>.pt`. `write_model(dir)` and `trainer_state` are only used
-    on rank 0 (the caller has already gathered full state dicts, which is a collective)."""
+    the marker, each rank its own `rank_<r>.pt`. `write_model(dir)` creates `dir` holding the model;
+    it and `trainer_state` are only used on rank 0 (the caller has already gathered full state dicts, which is a collective)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}"
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        write_model(tmp)                # creates the directory (save_state_dict writes a whole one)
+        torch.save(trainer_state, tmp / "trainer.pt")
     barrier()
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
-    if rank == 0:
-        write_model(tmp)
-        torch.save(trainer_state, tmp / "trainer.pt")
     barrier()
     if rank == 0:
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}

@@ -37,13 +37,19 @@ CONVERT_METHODS = ("independent-random", "independent-clustering", "sharing-inne
 
 @dataclass
 class ConvertConfig:
-    """How to split a dense model's FFNs into experts (the flags of `curate convert`)."""
+    """How to split a dense model's FFNs into experts: the flags of `curate convert`."""
     experts: int = 8
     top_k: int = 2
     method: str = "independent-random"
     gate: str = "noisy-mlp"
-    gate_init: str = "zero"
+    gate_init: str | None = None        # None: zero for noisy-mlp, random for linear (as curate convert)
     scale: float | None = None          # None: experts / top_k (the paper's rescale)
+    seed: int = 0
+    balance_loss: str = "cv2"           # cv2 | switch | none
+    shared_size: int | None = None      # sharing-inter only
+    calib_data: str | None = None       # sharing-*: a `curate tokenize` dir or a text file
+    calib_seqs: int = 4
+    calib_len: int = 128
 
     def check(self, where: str) -> None:
         _positive(self.experts, f"{where}.experts")
@@ -52,9 +58,17 @@ class ConvertConfig:
             raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
         _choice(self.method, CONVERT_METHODS, f"{where}.method")
         _choice(self.gate, ("linear", "noisy-mlp"), f"{where}.gate")
+        if self.gate_init is None:
+            self.gate_init = "zero" if self.gate == "noisy-mlp" else "random"
         _choice(self.gate_init, ("zero", "random"), f"{where}.gate_init")
         if self.scale is not None and not self.scale > 0:
             raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
+        _non_negative(self.seed, f"{where}.seed")
+        _choice(self.balance_loss, ("cv2", "switch", "none"), f"{where}.balance_loss")
+        if self.shared_size is not None:
+            _non_negative(self.shared_size, f"{where}.shared_size")
+        _positive(self.calib_seqs, f"{where}.calib_seqs")
+        _positive(self.calib_len, f"{where}.calib_len")
 
 
 @dataclass
@@ -126,7 +140,7 @@ class TrainSection:
     max_steps: int | None = None        # optimizer steps; or give max_tokens
     max_tokens: int | None = None
     seed: int = 0
-    eval_every_tokens: int | None = None     # None: the sampler's reweight interval (else once per 10 steps)
+    eval_every_tokens: int | None = None     # None: the sampler's reweight_every_tokens
     eval_batches: int = 4               # held-out micro-batches per domain per evaluation
     log_every: int = 10
     checkpoint_every: int | None = None      # steps; None: only at the end
@@ -176,13 +190,14 @@ class TrainConfig:
         self.data.check()
         self.optim.check()
         self.train.check()
-        sampler_config(self.sampler)    # validates the section; raises naming sampler.<key>
+        # validated (naming sampler.<key>) and spelled out in full, so config.yaml records the defaults
+        self.sampler = sampler_config(self.sampler).to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
         d["optim"]["betas"] = list(d["optim"]["betas"])
-        if d["model"]["convert"] is None:
+        if d["model"].get("convert") is None:
             d["model"].pop("convert")
         return d
 
@@ -222,22 +237,10 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def sampler_config(section: dict[str, Any]):
-    """Build the sampler engineer's `SamplerConfig` from the `sampler:` section, naming bad keys."""
-    from samplers import SamplerConfig
+    """The sampler engineer's `SamplerConfig` from the `sampler:` section (it names bad keys)."""
+    from samplers.config import SamplerConfig   # submodule: works even if `samplers` resolves as a namespace
 
-    if not isinstance(section, dict):
-        raise CurateError(f"sampler must be a mapping, got {type(section).__name__}")
-    known = {f.name for f in dataclasses.fields(SamplerConfig)}
-    for key in section:
-        if key not in known:
-            raise CurateError(f"unknown key sampler.{key} (known: {', '.join(sorted(known))})")
-    try:
-        return SamplerConfig(**section)
-    except CurateError as e:
-        msg = str(e)
-        raise CurateError(msg if "sampler" in msg else f"sampler: {msg}") from e
-    except (TypeError, ValueError) as e:
-        raise CurateError(f"sampler: {e}") from e
+    return SamplerConfig.from_dict(section, where="sampler")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +290,16 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> TrainCo
         values = raw.get(section)
         if isinstance(values, dict) and values.get(key) is not None:
             values[key] = _resolve(base, values[key], f"{section}.{key}")
+    convert = (raw.get("model") or {}).get("convert")
+    if isinstance(convert, dict) and convert.get("calib_data") is not None:
+        convert["calib_data"] = _resolve(base, convert["calib_data"], "model.convert.calib_data")
+    sampler = raw.get("sampler")
+    if isinstance(sampler, dict):
+        # file-valued sampler keys; named values (llama2-7b, measure, slimpajama) stay as they are
+        for key in ("reference_losses", "dataset_manifest"):
+            value = sampler.get(key)
+            if isinstance(value, str) and (base / value).is_file():
+                sampler[key] = str((base / value).resolve())
     sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     convert = sections["model"].convert
     if convert is not None:

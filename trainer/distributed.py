@@ -66,21 +66,19 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, blocks: nn.ModuleList, ctx: DistContext,
-               mixed_precision: torch.dtype | None) -> nn.Module:
+def wrap_model(model: nn.Module, blocks: nn.ModuleList, ctx: DistContext) -> nn.Module:
     """DDP around the whole model, or FSDP2: `fully_shard` each block, then the root (torchtitan's
-    recipe: per-block units overlap the all-gather of block i+1 with the compute of block i)."""
+    recipe: per-block units overlap the all-gather of block i+1 with the compute of block i).
+    Parameters stay fp32 in both; bf16 comes from autocast in the loop."""
     if not ctx.distributed or ctx.parallel == "none":
         return model
     if ctx.parallel == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else None
-    kw = {"mp_policy": mp} if mp else {}
+    from torch.distributed.fsdp import fully_shard
     for block in blocks:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+        fully_shard(block)
+    fully_shard(model)
     return model
 
 

@@ -96,3 +96,15 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 def _finite(record: dict) -> dict:
     # JSON has no NaN/inf: a diverged loss is written as null rather than an unparsable file
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of the GPUs we know; anything else needs train.peak_flops.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)

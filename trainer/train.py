@@ -1,0 +1,298 @@
+"""`curate train`: continually pre-train a LLaMA-MoE on the domain-mixed curated stream.
+
+    curate train --config TRAIN.yaml [--out RUN] [--max-steps N] [--checkpoint-every N] [--resume]
+    torchrun --nproc_per_node 8 -m pipeline.cli train --config TRAIN.yaml      # DDP or FSDP2
+
+Read top to bottom: setup (config, processes, data, model, optimizer, resume), then the loop. One
+step accumulates micro-batches up to the global batch, clips, and steps AdamW; every
+`eval_every_tokens` the held-out loss per domain is measured and handed to the sampler, which may
+reweight the domains; every `checkpoint_every` steps a checkpoint is written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from filters.errors import CurateError
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, load_train_config, sampler_config, save_config
+from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
+                                 clip_grad_norm, full_model_state, full_optimizer_state, gradient_sync,
+                                 init_distributed, load_optimizer_state, shutdown, unwrap, wrap_model)
+from trainer.evaluate import evaluate_domains
+from trainer.metrics import RunLogger, peak_flops
+from trainer.optim import build_optimizer, build_scheduler
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config (YAML); a run's own config.yaml reproduces it")
+    p.add_argument("--out", help="run directory (default: the config's `out`, else ./run)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train (overrides train.max_steps/max_tokens)")
+    p.add_argument("--checkpoint-every", type=int, help="write a checkpoint every N steps (train.checkpoint_every)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in the run directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {}
+    if args.max_steps is not None:
+        overrides.update({"train.max_steps": args.max_steps, "train.max_tokens": None})
+    if args.checkpoint_every is not None:
+        overrides["train.checkpoint_every"] = args.checkpoint_every
+    if args.out is not None:
+        overrides["out"] = str(Path(args.out).resolve())
+    cfg = load_train_config(args.config, overrides)
+    cfg.out = cfg.out or str(Path("run").resolve())
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    ctx = init_distributed(cfg.train.device, cfg.train.parallel)
+    try:
+        return Trainer(cfg, ctx).fit(resume)
+    finally:
+        shutdown(ctx)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+        from samplers.packed import PackedTokens
+        from samplers.stream import DomainStream
+
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.out)
+        d, t = cfg.data, cfg.train
+
+        # batch geometry: each rank runs `accum` micro-batches per step
+        micro_tokens = d.seq_len * d.micro_batch_size
+        self.global_batch_tokens = d.global_batch_tokens or micro_tokens * ctx.world_size
+        if self.global_batch_tokens % (micro_tokens * ctx.world_size):
+            raise CurateError(f"data.global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
+                              f"seq_len * micro_batch_size * ranks ({micro_tokens} * {ctx.world_size})")
+        self.accum = self.global_batch_tokens // (micro_tokens * ctx.world_size)
+        self.max_steps = t.max_steps or math.ceil(t.max_tokens / self.global_batch_tokens)
+        self.sampler_cfg = sampler_config(cfg.sampler)
+        self.eval_every = t.eval_every_tokens or self.sampler_cfg.reweight_every_tokens
+
+        # precision: bf16 autocast on GPU by default; fp32 on CPU keeps runs bit-reproducible
+        use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and ctx.device.type == "cuda")
+        self.autocast = lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+        self.tokens = PackedTokens(d.tokens)
+        n_eval = t.eval_batches * d.micro_batch_size
+        self.eval_sequences = {dom: torch.from_numpy(self.tokens.eval_sequences(dom, d.seq_len, max_sequences=n_eval))
+                               for dom in self.tokens.domains}
+        self.resume_from = None
+        self.stream = DomainStream(self.tokens, self.sampler_cfg, seq_len=d.seq_len, seed=t.seed,
+                                   rank=ctx.rank, world_size=ctx.world_size, num_workers=t.dataloader_workers)
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def find_checkpoint(self, resume: bool):
+        """Rank 0 picks the checkpoint (verifying hashes) and tells the others; errors reach every rank."""
+        found = error = None
+        if self.ctx.is_main:
+            ckpt.remove_partial(self.run_dir)
+            try:
+                if resume:
+                    found = ckpt.find_resume_checkpoint(self.run_dir, self.cfg.to_dict(), self.cfg.hash(),
+                                                        self.ctx.world_size)
+                elif ckpt.list_checkpoints(self.run_dir):
+                    raise CurateError(f"{self.run_dir} already holds checkpoints; pass --resume to continue "
+                                      "that run, or choose another --out")
+            except CurateError as e:
+                error = str(e)
+        found, error = broadcast_object((found, error), self.ctx)
+        if error:
+            raise CurateError(error)
+        return found
+
+    def build_model(self, checkpoint: Path | None):
+        """The model on CPU in fp32: from the checkpoint when resuming, else from the config."""
+        from trainer.checkpoint_io import load_model
+        m = self.cfg.model
+        if checkpoint is not None:
+            return load_model(checkpoint, device="cpu", dtype=torch.float32)
+        if m.path is not None:
+            return load_model(m.path, device="cpu", dtype=torch.float32)
+        from trainer.construct import convert_dense
+        c = m.convert
+        log = print if self.ctx.is_main else (lambda _: None)
+        return convert_dense(m.dense, experts=c.experts, top_k=c.top_k, method=c.method, gate=c.gate,
+                             gate_init=c.gate_init, scale=c.scale, seed=c.seed,
+                             balance_loss=None if c.balance_loss == "none" else c.balance_loss,
+                             shared_size=c.shared_size, calib_data=c.calib_data, calib_seqs_per_expert=c.calib_seqs,
+                             calib_len=c.calib_len, log=log)
+
+    def setup(self, resume: bool) -> None:
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
+        found = self.find_checkpoint(resume)
+        checkpoint = found[0] if found else None
+        seed_everything(t.seed)                 # the same initial weights on every rank
+        model, self.model_cfg = self.build_model(checkpoint)
+        self.raw_model = model.to(ctx.device)
+        blocks = model.layers
+        if t.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block)
+        if t.compile:
+            for block in blocks:
+                block.compile()                 # in place: parameter names stay as they are
+        self.model = wrap_model(model, blocks, ctx)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
+        self.flops_per_token = self.model_cfg.flops_per_token(cfg.data.seq_len)
+        self.peak_flops = t.peak_flops or peak_flops(ctx.device)
+
+        self.step, self.tokens_seen = 0, 0
+        if checkpoint is not None:
+            state = ckpt.load_trainer_state(checkpoint)
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.tokens_seen = state["step"], state["tokens"]
+            rank_state = ckpt.load_rank_state(checkpoint, ctx.rank)
+            self.stream.load_state_dict(rank_state["stream"])
+            set_rng_state(rank_state["rng"], ctx.device)
+        else:
+            # training randomness (gate noise) differs per rank, and is restored exactly on resume
+            seed_everything(t.seed + 1 + ctx.rank)
+        self.last_eval_tokens = self.tokens_seen    # the next evaluation is at the next multiple
+        self.logger = RunLogger(self.run_dir, enabled=ctx.is_main, start_step=self.step,
+                                max_steps=self.max_steps, resumed=checkpoint is not None)
+        if ctx.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            where = f"step {self.step} of {checkpoint}" if checkpoint else "scratch"
+            self.logger.message(
+                f"curate train: from {where}; {ctx.world_size} rank(s), {ctx.parallel}, {ctx.device}; "
+                f"global batch {self.global_batch_tokens} tokens ({self.accum} micro-batch(es) per rank); "
+                f"{self.max_steps} steps; run dir {self.run_dir}")
+
+    # -------------------------------------------------------------------------------------- loop
+
+    def fit(self, resume: bool) -> Path:
+        self.setup(resume)
+        cfg, t = self.cfg, self.cfg.train
+        if self.step == 0:
+            self.evaluate()                     # initial weights and the starting model's losses
+        self.model.train()
+        last_time, last_tokens = time.perf_counter(), self.tokens_seen
+        while self.step < self.max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss, aux = self.train_step()
+            self.step += 1
+            self.tokens_seen += self.global_batch_tokens
+            self.logger.advance()
+
+            if self.step % t.log_every == 0 or self.step in (1, self.max_steps):
+                loss, aux = all_reduce_mean(loss, self.ctx), all_reduce_mean(aux, self.ctx)
+                now = time.perf_counter()
+                tokens_per_s = (self.tokens_seen - last_tokens) / (now - last_time)
+                last_time, last_tokens = now, self.tokens_seen
+                mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
+                       if self.peak_flops else None)
+                self.logger.log_step({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
+                                      "aux_loss": aux, "lr": lr, "grad_norm": self.grad_norm,
+                                      "tokens_per_s": tokens_per_s, "mfu": mfu},
+                                     expert_load=self.expert_load())
+            if self.tokens_seen >= self.next_eval or self.stream.due_for_update(self.tokens_seen):
+                self.evaluate()
+            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps:
+                self.save()
+        self.stream.close()
+        self.logger.close()
+        return self.run_dir
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns this rank's mean loss and balance loss."""
+        d = self.cfg.data
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        aux_sum = torch.zeros((), device=self.ctx.device)
+        for micro in range(self.accum):
+            batch, _ = self.stream.next_batch(d.micro_batch_size)
+            batch = torch.as_tensor(batch).to(self.ctx.device, non_blocking=True)
+            with gradient_sync(self.model, sync=micro == self.accum - 1):
+                with self.autocast():
+                    out = self.model(batch[:, :-1], labels=batch[:, 1:])
+                ((out.loss + out.aux_loss) / self.accum).backward()
+            loss_sum += out.loss.detach()
+            aux_sum += out.aux_loss.detach()
+        self.grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss_sum) / self.accum, float(aux_sum) / self.accum
+
+    @property
+    def next_eval(self) -> int:
+        return (self.last_eval_tokens // self.eval_every + 1) * self.eval_every
+
+    def evaluate(self) -> None:
+        """Held-out loss per domain (identical on every rank), fed to the sampler when it is due."""
+        t = self.cfg.train
+        losses = evaluate_domains(self.model, self.eval_sequences, batch_size=self.cfg.data.micro_batch_size,
+                                  max_batches=t.eval_batches, ctx=self.ctx, autocast=self.autocast)
+        if self.stream.due_for_update(self.tokens_seen):   # also at step 0 when references are measured
+            self.stream.update(losses, self.tokens_seen)
+        self.logger.log_domains({"tokens": self.tokens_seen, "step": self.step,
+                                 "weights": dict(self.stream.weights), "eval_loss": losses})
+        self.last_eval_tokens = self.tokens_seen
+
+    def expert_load(self) -> dict[str, list[float]]:
+        """Fraction of routed tokens per expert in each layer for the last micro-batch, summed over ranks."""
+        loads = unwrap(self.model).expert_load()
+        if not loads:
+            return {}
+        names = list(loads)
+        stacked = all_reduce_sum(torch.stack([loads[n].float() for n in names]), self.ctx)
+        return {str(n): row.tolist() for n, row in zip(names, stacked.cpu())}
+
+    def save(self) -> None:
+        from trainer.checkpoint_io import save_state_dict
+        ctx = self.ctx
+        model_state = full_model_state(self.model)               # collectives: every rank takes part
+        optim_state = full_optimizer_state(self.model, self.optimizer)
+
+        def write_model(directory: Path) -> None:
+            # config.json + model.safetensors, the format `curate export` and `load_model` read
+            save_state_dict(model_state, self.model_cfg, directory, extra={"step": self.step, "tokens": self.tokens_seen})
+
+        path = ckpt.write_checkpoint(
+            self.run_dir, self.step, self.tokens_seen, config=self.cfg.to_dict(), config_hash=self.cfg.hash(),
+            write_model=write_model,
+            trainer_state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                           "step": self.step, "tokens": self.tokens_seen},
+            rank_state={"stream": self.stream.state_dict(), "rng": get_rng_state(ctx.device)},
+            rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier, keep=self.cfg.train.keep_checkpoints)
+        self.logger.message(f"checkpoint {path}")
+
+
+# ----------------------------------------------------------------------------------------- RNG
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
