@@ -28,6 +28,7 @@ from pipeline.domains import DatasetManifest
 
 SUFFIXES = (".jsonl.zst", ".jsonl.gz", ".jsonl")
 BLOCK = 1 << 18          # compressed bytes read at a time
+ZSTD_SLICE = 1 << 11     # compressed bytes decompressed per call (bounds the output of one call)
 UNKNOWN_DOMAIN = "unknown"   # by_domain key for lines whose domain could not be determined
 
 
@@ -142,17 +143,22 @@ def _zstd_blocks(f) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     dobj, in_frame = dctx.decompressobj(), False
     while block := f.read(BLOCK):
-        while block:
-            try:
-                out = dobj.decompress(block)
-            except zstandard.ZstdError as e:
-                raise ShardReadError(f"corrupt zstd data: {e}") from e
-            in_frame = not dobj.eof
-            if out:
-                yield out
-            block = dobj.unused_data if dobj.eof else b""
-            if dobj.eof:
-                dobj = dctx.decompressobj()
+        view = memoryview(block)
+        # decompress() returns all the output of its input at once, so it is fed small slices:
+        # highly compressible text (or a zip bomb) then still comes out in bounded pieces
+        for start in range(0, len(view), ZSTD_SLICE):
+            data = view[start:start + ZSTD_SLICE]
+            while data:
+                try:
+                    out = dobj.decompress(data)
+                except zstandard.ZstdError as e:
+                    raise ShardReadError(f"corrupt zstd data: {e}") from e
+                in_frame = not dobj.eof
+                if out:
+                    yield out
+                data = b""
+                if dobj.eof:        # a frame ended inside this slice: the rest starts the next frame
+                    data, dobj = dobj.unused_data, dctx.decompressobj()
     if in_frame:
         raise ShardReadError("truncated zstd stream: the file ends in the middle of a frame")
 

@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 #: score columns every output has, whether or not the chain fills them (null when not scored)
 REQUIRED_SCORES = ("ad_score", "perplexity")
 ROW_GROUP_ROWS = 4096
-ROW_GROUP_BYTES = 8 << 20     # flush earlier for long documents (books, arXiv) to bound memory
+# Text buffered across all files of a shard before the largest buffer is flushed as a row group.
+# One budget for the shard (not one per file) keeps memory flat however many domains it mixes.
+SHARD_BUFFER_BYTES = 8 << 20
 TMP_SUFFIX = ".tmp"
 
 
@@ -79,14 +81,14 @@ class ParquetSink:
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
         self.rows = 0
         self._buf: dict[str, list] = {f.name: [] for f in schema}
-        self._buf_bytes = 0
+        self.buffered_bytes = 0
 
     def append(self, row: dict) -> None:
         for name, col in self._buf.items():
             col.append(row.get(name))
-        self._buf_bytes += len(row["text"])
+        self.buffered_bytes += len(row["text"])
         self.rows += 1
-        if len(self._buf["id"]) >= ROW_GROUP_ROWS or self._buf_bytes >= ROW_GROUP_BYTES:
+        if len(self._buf["id"]) >= ROW_GROUP_ROWS:
             self.flush()
 
     def flush(self) -> None:
@@ -94,7 +96,10 @@ class ParquetSink:
             self.writer.write_table(pa.Table.from_pydict(self._buf, schema=self.schema))
             for col in self._buf.values():
                 col.clear()
-            self._buf_bytes = 0
+            self.buffered_bytes = 0
+            # Arrow's allocator (mimalloc) otherwise keeps the freed row-group buffers and RSS
+            # creeps up over a long shard; returning them keeps a worker's footprint flat
+            pa.default_memory_pool().release_unused()
 
     def commit(self) -> Path:
         self.flush()
@@ -120,6 +125,7 @@ class ShardOutput:
         self.rejected_schema = output_schema(self.scores, rejected=True)
         self.kept: dict[str, ParquetSink] = {}
         self.rejected: ParquetSink | None = None
+        self._buffered = 0
 
     def kept_path(self, domain: str) -> Path:
         return self.out_dir / "kept" / domain / f"{self.shard_id}.parquet"
@@ -141,19 +147,27 @@ class ShardOutput:
             if self.rejected is None:
                 self.rejected = ParquetSink(self.rejected_path(), self.rejected_schema)
             sink = self.rejected
+        before = sink.buffered_bytes
         sink.append(row)
+        self._buffered += sink.buffered_bytes - before
+        if self._buffered > SHARD_BUFFER_BYTES:
+            largest = max(self._sinks(), key=lambda s: s.buffered_bytes)
+            self._buffered -= largest.buffered_bytes
+            largest.flush()
+
+    def _sinks(self) -> list[ParquetSink]:
+        return [*self.kept.values(), *([self.rejected] if self.rejected else [])]
 
     def commit(self) -> list[str]:
         """Move every file into place and delete this shard's files from an earlier run that this
         run did not produce (say a domain whose documents are now all rejected). Returns the
         written paths relative to the output directory."""
-        sinks = [*self.kept.values(), *([self.rejected] if self.rejected else [])]
-        written = {s.commit() for s in sinks}
+        written = {s.commit() for s in self._sinks()}
         remove_shard_outputs(self.out_dir, self.shard_id, keep=written)
         return sorted(str(p.relative_to(self.out_dir)) for p in written)
 
     def abort(self) -> None:
-        for s in [*self.kept.values(), *([self.rejected] if self.rejected else [])]:
+        for s in self._sinks():
             s.abort()
 
 
