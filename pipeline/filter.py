@@ -124,6 +124,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         run_id = uuid.uuid4().hex[:8]
         # biggest shards first: the last task to finish is then a small one
         todo.sort(key=lambda s: -(s.size or 0))
+        t_submit = time.perf_counter()
         futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns,
                                  key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
         bar = tqdm(as_completed(futures), total=len(shards), initial=skipped, desc="shards", unit="shard",
@@ -138,6 +139,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
                 results[s.id] = _failed_manifest(s, h, err)
                 write_json(shard_manifest_path(out_dir, s.id), results[s.id])
         bar.close()
+        process_s = time.perf_counter() - t_submit
         n_workers = len(client.scheduler_info().get("workers", {}))
         address = client.scheduler.address if client.scheduler else None
 
@@ -172,6 +174,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         "totals": totals,
         "bytes_read": bytes_read,
         "wall_s": round(wall, 3),
+        "process_s": round(process_s, 3),     # from the first task submitted to the last result
         "docs_per_s": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
     }
     write_json(out_dir / "manifest.json", manifest)
