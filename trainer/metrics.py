@@ -28,7 +28,9 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events a killed run wrote after the checkpoint we resume from
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if resumed else None)
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+        # disable=None: no bar when stderr is not a terminal (log files get one line per logged step)
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train",
+                        disable=None)
 
     def log_step(self, record: dict, expert_load: dict[str, list[float]] | None = None) -> None:
         if not self.enabled:
@@ -42,7 +44,11 @@ class RunLogger:
             total = sum(load) or 1.0
             for e, v in enumerate(load):
                 self.tb.add_scalar(f"expert_load/layer_{layer}/expert_{e}", v / total, step)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        if self.bar.disable:
+            print(f"step {step}: loss {record['loss']:.4f} aux {record['aux_loss']:.2e} lr {record['lr']:.2e} "
+                  f"grad norm {record['grad_norm']:.3f} {record['tokens_per_s']:,.0f} tokens/s", flush=True)
+        else:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
 
     def log_domains(self, record: dict) -> None:
         """One evaluation: {tokens, step, weights, eval_loss}."""
@@ -61,7 +67,7 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(text)
+            tqdm.write(text)            # above the bar when there is one
 
     def close(self) -> None:
         if self.tb is not None:

@@ -200,7 +200,7 @@ class Trainer:
                        if self.peak_flops else None)
                 self.logger.log_step({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
                                       "aux_loss": aux, "lr": lr, "grad_norm": self.grad_norm,
-                                      "tokens_per_s": tokens_per_s, "mfu": mfu},
+                                      "tokens_per_s": tokens_per_s, "mfu": mfu, "max_mem_gb": self.max_memory()},
                                      expert_load=self.expert_load())
             if self.tokens_seen >= self.next_eval or self.stream.due_for_update(self.tokens_seen):
                 self.evaluate()
@@ -244,6 +244,12 @@ class Trainer:
         self.logger.log_domains({"tokens": self.tokens_seen, "step": self.step,
                                  "weights": dict(self.stream.weights), "eval_loss": losses})
         self.last_eval_tokens = self.tokens_seen
+
+    def max_memory(self) -> float | None:
+        """Peak GPU memory of this rank so far (GB); None on CPU."""
+        if self.ctx.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.ctx.device) / 1e9
 
     def expert_load(self) -> dict[str, list[float]]:
         """Fraction of routed tokens per expert in each layer for the last micro-batch, summed over ranks."""

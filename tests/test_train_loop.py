@@ -1,0 +1,240 @@
+"""`curate train` end to end on CPU: a tiny LLaMA-MoE on the tokenized embedded sample.
+
+Real processes throughout: the `curate` console script, SIGKILL, `torchrun` with gloo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+import zstandard
+
+from conftest import VENV_BIN, curate
+from trainer.config import load_train_config, write_train_config
+
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="session")
+def tokdir(sample_dir, tmp_path_factory) -> Path:
+    """The sample's documents as a filter output (kept/<domain>/*.parquet, every document kept: the
+    filters are tested elsewhere), tokenized by `curate tokenize` with a small trained BPE."""
+    from pipeline.domains import load_dataset_manifest
+
+    root = tmp_path_factory.mktemp("train-data")
+    manifest = load_dataset_manifest()
+    rows: dict[str, list[dict]] = {}
+    for shard in sorted((sample_dir / "train").rglob("*.jsonl.zst")):
+        with open(shard, "rb") as f:
+            text = zstandard.ZstdDecompressor().stream_reader(f).read().decode()
+        for i, line in enumerate(text.splitlines()):
+            doc = json.loads(line)
+            domain = manifest.domain_of(doc["meta"]["redpajama_set_name"])
+            rows.setdefault(domain, []).append({"id": f"{shard.name}:{i}", "text": doc["text"]})
+    for domain, docs in rows.items():
+        (root / "filtered" / "kept" / domain).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(docs), root / "filtered" / "kept" / domain / "s0.parquet")
+    curate("tokenize", root / "filtered", "--tokenizer", "train:512", "--out", root / "tokens",
+           "--eval-tokens", "4096", "--workers", "1", env=ENV)
+    return root / "tokens"
+
+
+def tiny_moe(path: Path, gate: str) -> Path:
+    """A random-init 2-layer MoE config (4 experts, top-2)."""
+    path.write_text(yaml.safe_dump({
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
+        "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "expert_size": 32, "gate": gate,
+                                   "gate_init": "zero" if gate == "noisy-mlp" else "random"}}))
+    return path
+
+
+def train_config(path: Path, tokdir: Path, model: dict, **train) -> Path:
+    return write_train_config(
+        path, model=model,
+        data={"tokens": str(tokdir), "seq_len": 32, "micro_batch_size": 2, "global_batch_tokens": 128},
+        # dynamic weights re-estimated every 4 steps from losses measured against the starting model
+        sampler={"kind": "dynamic", "preset": "uniform", "rule": "sheared-code", "eta": 5.0,
+                 "reweight_every_tokens": 512, "reference_losses": "measure"},
+        optim={"lr": 3e-3, "warmup_steps": 3},
+        train={"max_steps": 16, "log_every": 1, "checkpoint_every": 4, "eval_batches": 2, **train})
+
+
+def rows(run: Path, name: str, key: str) -> dict:
+    out = {}
+    for line in (run / name).read_text().splitlines():
+        r = json.loads(line)
+        assert r[key] not in out, f"{name}: {key} {r[key]} logged twice"
+        out[r[key]] = r
+    return out
+
+
+def max_differences(a: Path, b: Path, after_step: int = 0) -> tuple[float, float]:
+    ma, mb = rows(a, "metrics.jsonl", "step"), rows(b, "metrics.jsonl", "step")
+    assert ma.keys() == mb.keys()
+    loss = max(abs(ma[s]["loss"] - mb[s]["loss"]) for s in ma if s > after_step)
+    wa, wb = rows(a, "domain_weights.jsonl", "tokens"), rows(b, "domain_weights.jsonl", "tokens")
+    assert wa.keys() == wb.keys(), "weight updates at different token counts"
+    weights = max(abs(wa[t]["weights"][d] - wb[t]["weights"][d]) for t in wa for d in wa[t]["weights"])
+    return loss, weights
+
+
+@pytest.fixture(scope="session")
+def noisy_run(tokdir, tmp_path_factory) -> tuple[Path, Path]:
+    """An uninterrupted 16-step run with the noisy gate (so resuming must restore the RNG exactly)."""
+    root = tmp_path_factory.mktemp("noisy")
+    cfg = train_config(root / "train.yaml", tokdir, {"path": str(tiny_moe(root / "moe.yaml", "noisy-mlp"))})
+    curate("train", "--config", cfg, "--out", root / "full", env=ENV)
+    return cfg, root / "full"
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+def test_loss_falls_and_the_run_has_its_files(tokdir, tmp_path):
+    """Dense random LLaMA converted on the fly to 4 experts top-2, 30 steps: the loss falls clearly."""
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(yaml.safe_dump({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                     "num_layers": 2, "num_heads": 4, "max_seq_len": 64}))
+    model = {"dense": str(dense), "convert": {"experts": 4, "top_k": 2, "method": "independent-random"}}
+    cfg = train_config(tmp_path / "train.yaml", tokdir, model, max_steps=30, checkpoint_every=10)
+    run = tmp_path / "run"
+    proc = curate("train", "--config", cfg, "--out", run, env=ENV)
+
+    met = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in met] == list(range(1, 31))
+    first = sum(m["loss"] for m in met[:5]) / 5
+    last = sum(m["loss"] for m in met[-5:]) / 5
+    assert first > 6.0 and last < first - 0.5, f"loss {first:.3f} -> {last:.3f}"
+    assert met[0]["lr"] == pytest.approx(1e-3) and met[2]["lr"] == pytest.approx(3e-3)
+    assert met[-1]["lr"] == pytest.approx(3e-4)               # cosine to 10% of the peak
+    assert all(m["tokens"] == 128 * m["step"] and m["aux_loss"] > 0 and m["mfu"] is None for m in met)
+
+    dw = [json.loads(line) for line in (run / "domain_weights.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in dw] == [0, 512, 1024, 1536, 2048, 2560, 3072, 3584]
+    assert dw[0]["weights"] == pytest.approx({d: 1 / 7 for d in dw[0]["weights"]})   # initial weights first
+    assert dw[-1]["weights"] != dw[0]["weights"] and len(dw[0]["eval_loss"]) == 7
+    assert sum(dw[-1]["eval_loss"].values()) < sum(dw[0]["eval_loss"].values()) - 7 * 0.5
+
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_10", "step_20", "step_30"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "step 30: loss" in proc.stdout
+    # the saved config is resolved and reproduces the run's identity from anywhere
+    saved = load_train_config(run / "config.yaml")
+    assert saved.model.dense == str(tmp_path / "dense.yaml") and saved.hash() == load_train_config(cfg).hash()
+
+    # a checkpoint is a model directory the rest of the tool reads; step 20's model is the one the
+    # evaluation at 2560 tokens measured (evaluation comes before the checkpoint in a step)
+    import torch
+    from samplers.packed import PackedTokens
+    from trainer.checkpoint_io import load_model
+    model, mcfg = load_model(run / "checkpoints" / "step_20")
+    assert mcfg.moe.num_experts == 4 and mcfg.moe.method == "independent-random"
+    seq = torch.from_numpy(PackedTokens(tokdir).eval_sequences("C4", 32, max_sequences=4))
+    with torch.no_grad():
+        loss = float(model.eval()(seq[:, :-1], labels=seq[:, 1:]).loss)
+    assert loss == pytest.approx(dw[5]["eval_loss"]["C4"], abs=1e-4)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(noisy_run, tmp_path):
+    cfg, full = noisy_run
+    cut = tmp_path / "cut"
+    exe = VENV_BIN / "curate"
+    proc = subprocess.Popen([str(exe), "train", "--config", str(cfg), "--out", str(cut)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (cut / "checkpoints" / "step_8").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (cut / "checkpoints" / "step_8").is_dir(), proc.stderr.read().decode()[-2000:]
+    assert not (cut / "checkpoints" / "step_16").exists(), "the run finished before it was killed"
+
+    done = curate("train", "--config", cfg, "--out", cut, "--resume", env=ENV)
+    assert "from step 8" in done.stdout + done.stderr or "from step 12" in done.stdout + done.stderr
+    loss, weights = max_differences(full, cut)
+    assert loss < 1e-5 and weights < 1e-5, (loss, weights)
+    assert len(rows(cut, "domain_weights.jsonl", "tokens")) == 5     # 0, 512, ..., 2048: none repeated
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(noisy_run, tmp_path):
+    cfg, full = noisy_run
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "checkpoints" / "step_16")          # as if killed before the last checkpoint
+    weights = run / "checkpoints" / "step_12" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:] = bytes(100)                                 # same size, damaged tensor data
+    weights.write_bytes(bytes(data))
+
+    proc = curate("train", "--config", cfg, "--out", run, "--resume", env=ENV)
+    assert "step_12 is damaged" in proc.stderr and "sha256" in proc.stderr
+    assert "from step 8" in proc.stdout
+    loss, weights_diff = max_differences(full, run)
+    assert loss < 1e-5 and weights_diff < 1e-5
+
+
+def test_resume_refuses_another_config_and_a_fresh_start_refuses_a_used_dir(noisy_run, tmp_path):
+    cfg, full = noisy_run
+    raw = yaml.safe_load(Path(cfg).read_text())
+    raw["optim"]["lr"] = 1e-3
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    proc = curate("train", "--config", other, "--out", run, "--resume", check=False, env=ENV)
+    assert proc.returncode == 2 and "different training config" in proc.stderr and "optim.lr" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = curate("train", "--config", cfg, "--out", run, check=False, env=ENV)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert rows(run, "metrics.jsonl", "step") == rows(full, "metrics.jsonl", "step")   # nothing lost
+
+
+def test_bad_config_is_refused_naming_the_key(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": "m.yaml"}, "data": {"tokens": "t"},
+                                   "optim": {"lr": 2e-4, "betas": [0.9, 1.5]}, "train": {"max_steps": 1}}))
+    proc = curate("train", "--config", cfg, check=False, env=ENV)
+    assert proc.returncode == 2 and "optim.betas" in proc.stderr and "Traceback" not in proc.stderr
+    cfg.write_text(yaml.safe_dump({"model": {"path": "m.yaml"}, "data": {"tokens": "t"},
+                                   "train": {"max_steps": 1, "checkpoint_evry": 5}}))
+    proc = curate("train", "--config", cfg, check=False, env=ENV)
+    assert proc.returncode == 2 and "train.checkpoint_evry" in proc.stderr
+
+
+def torchrun(*args, **kw) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_ddp_and_fsdp2_match_a_single_process(tokdir, tmp_path):
+    """Two gloo ranks with half the micro-batches each = one process with the same global batch.
+    The linear gate has no noise, so the runs draw no random numbers and must agree to rounding."""
+    model = {"path": str(tiny_moe(tmp_path / "moe.yaml", "linear"))}
+    single = train_config(tmp_path / "single.yaml", tokdir, model, max_steps=8)
+    curate("train", "--config", single, "--out", tmp_path / "single", env=ENV)
+    for parallel in ("ddp", "fsdp2"):
+        cfg = train_config(tmp_path / f"{parallel}.yaml", tokdir, model, max_steps=8, parallel=parallel)
+        proc = torchrun("train", "--config", cfg, "--out", tmp_path / parallel)
+        assert f"2 rank(s), {parallel}" in proc.stdout + proc.stderr
+        loss, weights = max_differences(tmp_path / "single", tmp_path / parallel)
+        assert loss < 1e-4 and weights < 1e-5, (parallel, loss, weights)
+    # FSDP2 checkpoints hold the full (gathered) weights: the same model as the single process's
+    import torch
+    from trainer.checkpoint_io import load_model
+    a, _ = load_model(tmp_path / "single" / "checkpoints" / "step_8")
+    b, _ = load_model(tmp_path / "fsdp2" / "checkpoints" / "step_8")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-5), name
