@@ -160,6 +160,21 @@ def test_errors_before_any_work(tmp_path, sample_dir):
         assert not out.exists(), "nothing may be written before the inputs and config are valid"
 
 
+def many_small_docs(tmp_path: Path, shards: int = 16, docs: int = 30000) -> tuple[Path, list[str]]:
+    """Many small documents in 16 shards, so a run lasts long enough to be cut part-way. Returns
+    the corpus and the ids a `length: {min_words: 20}` filter keeps."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    names = ["RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv", "RedPajamaWikipedia"]
+    lines = "".join(json.dumps({"text": f"doc {i} " + "word " * (i % 50), "meta": {"redpajama_set_name": names[i % 4]}})
+                    + "\n" for i in range(docs)).encode()
+    blob = zstandard.ZstdCompressor(level=1).compress(lines)
+    for k in range(shards):
+        (corpus / f"part_{k:02d}.jsonl.zst").write_bytes(blob)
+    kept = [f"part_{k:02d}:{i + 1}" for k in range(shards) for i in range(docs) if 2 + i % 50 >= 20]
+    return corpus, kept
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,28 +198,40 @@ def test_external_dask_cluster_gives_the_local_result(sample_dir, tmp_path):
         cfg = write_cfg(tmp_path)
         curate("filter", sample_dir / "train", "--out", tmp_path / "remote", "--config", cfg, "--scheduler", address)
         curate("filter", sample_dir / "train", "--out", tmp_path / "local", "--config", cfg, "--workers", 2)
+        remote, local = manifest(tmp_path / "remote"), manifest(tmp_path / "local")
+        assert remote["cluster"] == {"scheduler": address, "workers": 2}
+        assert remote["totals"] == local["totals"] and remote["config_hash"] == local["config_hash"]
+        assert sorted(ids(tmp_path / "remote")) == sorted(ids(tmp_path / "local"))
+
+        # a worker killed mid-run: its nanny restarts it, Dask reruns its task, the output is whole
+        corpus, expected = many_small_docs(tmp_path)
+        with Client(address, timeout="60s") as c:
+            pids = sorted(c.run(os.getpid).values())
+        out = tmp_path / "killed"
+        run = subprocess.Popen([str(VENV_BIN / "curate"), "filter", str(corpus), "--out", str(out), "--config",
+                                str(write_cfg(tmp_path, "length: {min_words: 20}\n", "c.yaml")), "--scheduler", address],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while len(list((out / "shards").glob("*.json"))) < 2:
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before a worker was killed"
+            time.sleep(0.02)
+        os.kill(pids[0], signal.SIGKILL)
+        assert len(list((out / "shards").glob("*.json"))) < 16, "the run finished before the kill"
+        log_text, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, log_text
     finally:
         for p in reversed(procs):
             p.terminate()
         for p in reversed(procs):
             p.wait(timeout=30)
         log.close()
-    remote, local = manifest(tmp_path / "remote"), manifest(tmp_path / "local")
-    assert remote["cluster"] == {"scheduler": address, "workers": 2}
-    assert remote["totals"] == local["totals"] and remote["config_hash"] == local["config_hash"]
-    assert sorted(ids(tmp_path / "remote")) == sorted(ids(tmp_path / "local"))
+    got = ids(out)
+    assert len(got) == len(set(got)) and sorted(got) == sorted(expected)
+    assert manifest(out)["totals"]["docs_in"] == 16 * 30000 and not leftovers(out)
 
 
 def test_sigkill_part_way_then_resume_equals_uninterrupted(tmp_path):
-    # many small documents in 16 shards, so a run lasts long enough to be cut part-way
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    names = ["RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv", "RedPajamaWikipedia"]
-    lines = "".join(json.dumps({"text": f"doc {i} " + "word " * (i % 50), "meta": {"redpajama_set_name": names[i % 4]}})
-                    + "\n" for i in range(30000)).encode()
-    blob = zstandard.ZstdCompressor(level=1).compress(lines)
-    for k in range(16):
-        (corpus / f"part_{k:02d}.jsonl.zst").write_bytes(blob)
+    corpus, _ = many_small_docs(tmp_path)
     cfg = write_cfg(tmp_path, "length: {min_words: 20}\n")
     curate("filter", corpus, "--out", tmp_path / "ref", "--config", cfg, "--workers", 2)
 
