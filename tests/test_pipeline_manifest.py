@@ -1,0 +1,42 @@
+"""Counts add up by construction; `curate manifest` prints filter and tokenize outputs."""
+from __future__ import annotations
+
+import json
+
+from conftest import curate
+
+from pipeline.manifest import Tally, adds_up
+
+
+def test_tally_counts_and_merges():
+    a = Tally()
+    for domain, reason in [("C4", None), ("C4", "ads"), ("Books", "disfluency"), (None, "malformed:bad_json"),
+                           ("C4", "malformed:empty_text"), ("Books", None)]:
+        a.count(domain, reason)
+    d = a.to_dict()
+    assert (d["docs_in"], d["kept"], d["removed"], d["malformed"]) == (6, 2, {"ads": 1, "disfluency": 1}, 2)
+    assert d["malformed_by_kind"] == {"bad_json": 1, "empty_text": 1}
+    assert d["by_domain"]["unknown"]["malformed"] == 1 and d["by_domain"]["C4"]["docs_in"] == 3
+    assert adds_up(d)
+    total = Tally()
+    total.merge(d)
+    total.merge(d)
+    t = total.to_dict()
+    assert t["docs_in"] == 12 and t["by_domain"]["Books"]["removed"] == {"disfluency": 2} and adds_up(t)
+    t["kept"] += 1
+    assert not adds_up(t)
+
+
+def test_manifest_command_prints_a_tokenize_output(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "kind": "tokenize", "tokenizer": "x",
+        "by_domain": {"C4": {"documents": 120, "tokens": 45678, "eval": {"tokens": 512}},
+                      "GitHub": {"documents": 7, "tokens": 901, "eval": {"tokens": 64}}}}))
+    out = curate("manifest", tmp_path).stdout
+    for word in ("tokenize", "C4", "GitHub", "45,678", "eval.tokens", "46,579", "total"):
+        assert word in out, out
+
+
+def test_manifest_command_needs_a_manifest(tmp_path):
+    proc = curate("manifest", tmp_path, check=False)
+    assert proc.returncode == 2 and "manifest.json does not exist" in proc.stderr
