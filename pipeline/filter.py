@@ -121,6 +121,12 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
             else:
                 todo.append(s)
         skipped = len(results)
+        ids = {s.id for s in shards}
+        foreign = sorted(p.stem for p in (out_dir / "shards").glob("*.json") if p.stem not in ids)
+        if foreign:
+            print(f"warning: {out_dir} also holds the outputs of {len(foreign)} shard(s) that are not among these "
+                  f"inputs (e.g. {foreign[0]}); they are left alone and not counted. Use a fresh --out to avoid "
+                  "mixing them into later stages.", file=sys.stderr)
         run_id = uuid.uuid4().hex[:8]
         # biggest shards first: the last task to finish is then a small one
         todo.sort(key=lambda s: -(s.size or 0))
@@ -171,6 +177,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         "shards": {"total": len(shards), "done": len(shards) - len(failed), "failed": len(failed),
                    "skipped": skipped},
         "failed": failed,
+        "other_shards_in_out": foreign,
         "totals": totals,
         "bytes_read": bytes_read,
         "wall_s": round(wall, 3),

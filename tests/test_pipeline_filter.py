@@ -92,6 +92,12 @@ def test_local_cluster_two_workers(sample_dir, tmp_path):
     for word in ("CommonCrawl", "StackExchange", "removed: length", "kept %", str(t["docs_in"])):
         assert word in table_out
 
+    # a changed config redoes every shard; files the new run does not produce (all rejected now) go away
+    curate("filter", sample_dir / "train", "--out", out, "--config", write_cfg(tmp_path, "length: {min_words: 100000}\n",
+                                                                               "all.yaml"), "--workers", 1)
+    assert manifest(out)["shards"]["skipped"] == 0 and manifest(out)["totals"]["kept"] == 0
+    assert not list((out / "kept").rglob("*.parquet")) and len(ids(out, "rejected")) == t["docs_in"]
+
 
 def test_every_bad_input(tmp_path):
     src = tmp_path / "in"
