@@ -41,7 +41,6 @@ class Shard:
     id: str                     # stable, unique: path relative to the common input root, sanitized
     url: str                    # what fsspec opens (a plain path for local files)
     dir_domain: str | None      # canonical domain of the containing folder (domain_from: directory)
-    dir_name: str               # the containing folder's name, for the error when it is unknown
     size: int | None = None     # compressed bytes, when the filesystem reports it
 
 
@@ -115,8 +114,7 @@ def discover_shards(inputs: list[str], dataset: DatasetManifest) -> list[Shard]:
             # two paths that sanitise alike (a.jsonl and a.jsonl.zst) get a short hash of the path
             uid = sid if len(urls) == 1 else f"{sid}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
             folder = posixpath.basename(posixpath.dirname(stripped[url]))
-            shards.append(Shard(id=uid, url=url, dir_domain=dataset.domain_of(folder), dir_name=folder,
-                                size=found[url][1]))
+            shards.append(Shard(id=uid, url=url, dir_domain=dataset.domain_of(folder), size=found[url][1]))
     return sorted(shards, key=lambda s: s.id)
 
 

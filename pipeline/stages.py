@@ -109,7 +109,7 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
                 if len(batch) >= cfg.batch_size or batch_bytes >= BATCH_BYTES:
                     flush()
         except ShardReadError as e:
-            error = f"{e} (after {lines} complete lines, which were kept)"
+            error = f"{e} (the {lines} complete lines before it were processed and written)"
         flush()
         outputs = out.commit()
     except BaseException:
