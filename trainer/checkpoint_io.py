@@ -213,7 +213,11 @@ def load_hf_llama(p: Path):
 
 
 def _load_hf(p: Path) -> tuple[LlamaMoE, ModelConfig]:
-    hf = load_hf_llama(p)
+    return dense_from_hf(load_hf_llama(p), str(p))
+
+
+def dense_from_hf(hf, where: str = "transformers model") -> tuple[LlamaMoE, ModelConfig]:
+    """Our dense model holding (sharing, not copying) the weights of a transformers LlamaForCausalLM."""
     cfg = config_from_hf(hf.config)
     state = {}
     for k, v in hf.state_dict().items():
@@ -224,7 +228,7 @@ def _load_hf(p: Path) -> tuple[LlamaMoE, ModelConfig]:
             state[k[len("model."):]] = v
         elif not k.endswith("rotary_emb.inv_freq"):
             state[k] = v
-    return _build(cfg, state, str(p)), cfg
+    return _build(cfg, state, where), cfg
 
 
 def load_tokenizer(path: str | Path):

@@ -191,22 +191,26 @@ class Router(nn.Module):
         self.gate = LinearGate(hidden_size, cfg.num_experts) if cfg.gate == "linear" \
             else NoisyMLPGate(hidden_size, cfg.num_experts)
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        cfg, E, k = self.cfg, self.cfg.num_experts, self.cfg.top_k
+    def gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(clean logits, logits used for routing, noise std or None), all fp32 [N, E]. Noise only for
+        the noisy-mlp gate in training mode; in eval the routing is deterministic."""
         # Routing decisions in fp32: bf16 logits tie often enough to change which experts win.
         clean = self.gate(x).float()
-        noisy = self.training and cfg.gate == "noisy-mlp"
-        if noisy:
-            noise_std = F.softplus(self.gate.noise(x).float()) + cfg.noise_epsilon
-            logits = clean + torch.randn_like(clean) * noise_std
-        else:
-            logits = clean
+        if not (self.training and self.cfg.gate == "noisy-mlp"):
+            return clean, clean, None
+        noise_std = F.softplus(self.gate.noise(x).float()) + self.cfg.noise_epsilon
+        return clean, clean + torch.randn_like(clean) * noise_std, noise_std
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg, E, k = self.cfg, self.cfg.num_experts, self.cfg.top_k
+        clean, logits, noise_std = self.gate_logits(x)
+        noisy = noise_std is not None
         smooth_load = noisy and cfg.balance_loss == "cv2" and k < E
         top_vals, top_idx = logits.topk(k + 1 if smooth_load else k, dim=-1)
         indices = top_idx[:, :k]
         weights = torch.softmax(top_vals[:, :k], dim=-1)
-        ones = torch.ones_like(indices, dtype=torch.float32).reshape(-1)
-        counts = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(0, indices.reshape(-1), ones)
+        # a comparison-and-sum rather than scatter_add: thousands of atomics on E addresses contend
+        counts = (indices.reshape(-1, 1) == torch.arange(E, device=x.device)).sum(0).float()
 
         if cfg.balance_loss is None or cfg.balance_coef == 0:
             aux = logits.new_zeros(())
@@ -217,8 +221,8 @@ class Router(nn.Module):
             p = torch.softmax(logits, dim=-1).mean(0)
             aux = cfg.balance_coef * E * (f * p).sum()
         else:
-            importance = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add(
-                0, indices.reshape(-1), weights.reshape(-1))
+            # importance: each expert's summed gate weight (0 where it was not selected)
+            importance = torch.zeros_like(logits).scatter(1, indices, weights).sum(0)
             if smooth_load:
                 load = _smooth_load(clean, logits, noise_std, top_vals, k)
             else:
@@ -243,6 +247,25 @@ def _smooth_load(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tens
 
 # --------------------------------------------------------------------------------------------- experts
 
+class _PermuteTokens(torch.autograd.Function):
+    """out[p] = x[order[p] // k]: token rows in expert order, each token once per selected slot.
+
+    The backward sums each token's k slot gradients through the inverse permutation (a gather and a
+    reduction) instead of the default index_add, whose atomics serialise on repeated rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        n = inverse.numel() // ctx.k
+        return grad.index_select(0, inverse).view(n, ctx.k, -1).sum(1), None, None, None
+
+
 class Experts(nn.Module):
     """E SwiGLU experts as two stacked weight tensors (transformers' Mixtral layout)."""
 
@@ -256,20 +279,20 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """x [N, H]; indices, weights [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)."""
         N, k = indices.shape
-        flat = indices.reshape(-1)
         # Sort the N*k (token, slot) pairs by expert; a stable sort keeps token order inside a group.
-        expert_sorted, order = torch.sort(flat, stable=True)
-        # Tokens per expert without bincount: on CUDA bincount reads its max back to the host.
-        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.int32).scatter_add_(
-            0, expert_sorted.to(torch.int64), torch.ones_like(expert_sorted, dtype=torch.int32))
-        xs = x[order // k]
-        if self._use_grouped(x, impl):
-            ys = self._grouped(xs, counts)
-        else:
-            ys = self._loop(xs, counts)
-        # Un-permute with a copy (its backward is a gather), then weight and sum the k slots per token.
-        y = ys.new_zeros(ys.shape).index_copy(0, order, ys).view(N, k, -1)
-        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+        expert_sorted, order = torch.sort(indices.reshape(-1), stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        # ends[e] = end of expert e's rows. A binary search in the sorted ids: no atomics, no host sync
+        # (bincount would read its max back to the host).
+        ends = torch.searchsorted(expert_sorted, torch.arange(self.num_experts, device=x.device), right=True)
+        grouped = self._use_grouped(x, impl)
+        if grouped:
+            x = x.to(self._compute_dtype(x))  # permute in the GEMM dtype: half the bytes moved under autocast
+        xs = _PermuteTokens.apply(x, order, inverse, k)
+        ys = self._grouped(xs, ends) if grouped else self._loop(xs, ends)
+        # Back to (token, slot) order: a conflict-free scatter whose backward is a gather.
+        y = ys.new_empty(ys.shape).index_copy(0, order, ys).view(N, k, -1)
+        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(1)
 
     def _use_grouped(self, x: torch.Tensor, impl: str) -> bool:
         if impl not in EXPERT_IMPLS:
@@ -288,17 +311,18 @@ class Experts(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         dt = self._compute_dtype(xs)
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # offs[e] = end row of expert e's group
+        offs = ends.to(torch.int32)
         h = _grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
 
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The exact reference path: one expert at a time on its slice of the sorted tokens (what
-        LLaMA-MoE does). Reads the counts to the host, so it is for CPU and for comparison."""
+        LLaMA-MoE does). Reads the group sizes to the host, so it is for CPU and for comparison."""
         outs = []
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
         for e, chunk in enumerate(torch.split(xs, counts.tolist())):
             if chunk.shape[0] == 0:
                 continue

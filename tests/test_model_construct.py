@@ -1,0 +1,160 @@
+"""Expert construction: each method's partition, the dense-reproduction property, importance scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from filters.errors import CurateError
+from trainer.construct import (METHODS, ConvertSettings, balanced_assign, balanced_kmeans, build_moe,
+                               calibration_tokens, neuron_use, random_partition, sharing_inner_partition,
+                               taylor_scores)
+from trainer.model import LlamaMoE, ModelConfig
+
+FFN = 96
+
+
+def dense_model(seed: int = 0, tie: bool = False) -> LlamaMoE:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=80, hidden_size=32, intermediate_size=FFN, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=64, tie_embeddings=tie)
+    model = LlamaMoE(cfg)
+    with torch.no_grad():  # weights large enough that a wrong neuron would show in the logits
+        for layer in model.layers:
+            for p in layer.mlp.parameters():
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def calib(n: int = 8) -> torch.Tensor:
+    return torch.randint(0, 80, (n, 33), generator=torch.Generator().manual_seed(5))
+
+
+def convert(method, experts=4, top_k=2, seed=0, **kw):
+    model, cfg = build_moe(dense_model(), ConvertSettings(experts=experts, top_k=top_k, method=method, seed=seed, **kw),
+                           calib(), "test tokens", log=lambda s: None)
+    return model, cfg
+
+
+@pytest.mark.parametrize("method", ["independent-random", "independent-clustering", "sharing-inter"])
+def test_partitioning_methods_use_every_neuron_exactly_once(method):
+    _, cfg = convert(method)
+    use = neuron_use(cfg.moe.partition, cfg.num_layers, FFN)
+    assert torch.all(use == 1)
+    sizes = {len(p) for layer in cfg.moe.partition["experts"] for p in layer}
+    assert sizes == {cfg.moe.expert_size}
+    if method == "sharing-inter":
+        assert cfg.moe.shared_intermediate_size > 0
+        assert all(len(s) == cfg.moe.shared_intermediate_size for s in cfg.moe.partition["shared"])
+        assert cfg.moe.expert_size % 8 == 0  # grouped_mm alignment kept
+    else:
+        assert cfg.moe.expert_size == FFN // 4 and cfg.moe.partition["shared"] is None
+
+
+def test_sharing_inner_experts_take_their_own_top_neurons_and_may_overlap():
+    _, cfg = convert("sharing-inner")
+    use = neuron_use(cfg.moe.partition, cfg.num_layers, FFN)
+    assert use.sum() == cfg.num_layers * 4 * (FFN // 4)      # every expert full size
+    assert (use > 1).any()                                   # some neurons shared (random calibration)
+    scores = torch.tensor([[3.0, 1, 2, 0, 5, 4], [0.0, 9, 8, 7, 1, 2]])
+    parts = sharing_inner_partition(scores, 3)
+    assert [p.tolist() for p in parts] == [[0, 4, 5], [1, 2, 3]]
+    for layer in cfg.moe.partition["experts"]:
+        assert all(len(set(p)) == len(p) for p in layer)     # no neuron twice inside one expert
+
+
+def test_partition_is_recorded_and_reproducible_from_the_seed():
+    _, a = convert("independent-random", seed=1)
+    _, b = convert("independent-random", seed=1)
+    _, c = convert("independent-random", seed=2)
+    assert a.moe.partition == b.moe.partition != c.moe.partition
+    assert (a.moe.method, a.moe.seed) == ("independent-random", 1)
+    p = random_partition(12, 3, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(p).tolist()) == list(range(12))
+
+
+def test_balanced_kmeans_recovers_planted_clusters_in_equal_sizes():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=gen) * 5
+    truth = torch.arange(64) % 4
+    rows = centres[truth] + 0.3 * torch.randn(64, 16, generator=gen)
+    parts = balanced_kmeans(rows, 4, torch.Generator().manual_seed(1))
+    assert [len(p) for p in parts] == [16] * 4
+    for p in parts:
+        assert len(set(truth[p].tolist())) == 1  # each cluster is one planted group
+
+
+def test_balanced_assign_respects_capacity_and_prefers_high_scores():
+    scores = torch.tensor([[9.0, 0], [8, 0], [7, 0], [0, 1]])
+    assert balanced_assign(scores, 2).tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("method", ["independent-random", "independent-clustering", "sharing-inter"])
+@pytest.mark.parametrize("gate", ["linear", "noisy-mlp"])
+def test_experts_equal_top_k_equal_scale_with_zero_gate_reproduces_the_dense_model(method, gate):
+    dense = dense_model(tie=True)
+    x = torch.randint(0, 80, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = dense(x).logits
+    moe, cfg = build_moe(dense, ConvertSettings(experts=4, top_k=4, scale=4.0, method=method, gate=gate,
+                                                gate_init="zero"), calib(), "test", log=lambda s: None)
+    with torch.no_grad():
+        got = moe.eval()(x).logits
+    assert (want - got).abs().max().item() < 1e-4
+
+
+def test_default_scale_is_experts_over_top_k():
+    _, cfg = convert("independent-random", experts=4, top_k=2)
+    assert cfg.moe.scale == 2.0
+
+
+def test_taylor_scores_are_weight_times_gradient_per_neuron():
+    model = dense_model()
+    seqs = calib(4)
+    scores = taylor_scores(model, [seqs[:2], seqs[2:]])
+    assert scores.shape == (2, 2, FFN)
+    model.zero_grad()
+    model(seqs[2:, :-1], labels=seqs[2:, 1:]).loss.backward()
+    mlp = model.layers[1].mlp
+    j = 17
+    manual = ((mlp.gate_proj.weight[j] * mlp.gate_proj.weight.grad[j]).abs().sum()
+              + (mlp.up_proj.weight[j] * mlp.up_proj.weight.grad[j]).abs().sum()
+              + (mlp.down_proj.weight[:, j] * mlp.down_proj.weight.grad[:, j]).abs().sum())
+    assert torch.allclose(scores[1, 1, j], manual, rtol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+
+
+def test_bad_settings_are_refused_with_the_reason():
+    with pytest.raises(CurateError, match="do not split into 5 equal experts"):
+        convert("independent-random", experts=5)
+    with pytest.raises(CurateError, match="top-k"):
+        convert("independent-random", experts=4, top_k=5)
+    moe, _ = convert("independent-random")
+    with pytest.raises(CurateError, match="already a mixture-of-experts"):
+        build_moe(moe, ConvertSettings(experts=2, top_k=1, method="independent-random"), log=lambda s: None)
+
+
+def test_calibration_from_text_with_the_models_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "the cat sat on the mat and the dog sat on the log. " * 30
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(tmp_path / "dense")
+    (tmp_path / "calib.txt").write_text(text)
+    cfg = dense_model().cfg
+    ids, note = calibration_tokens(tmp_path / "calib.txt", tmp_path / "dense", cfg, 4, 16, seed=0)
+    assert ids.shape == (4, 17) and "calib.txt" in note
+    assert ids.max() < 12 and len(set(ids.flatten().tolist())) > 5  # real words, not random ids
+    rand, note = calibration_tokens(None, tmp_path / "dense", cfg, 4, 16, seed=0)
+    assert "random tokens" in note and rand.shape == (4, 17)
+    with pytest.raises(CurateError, match="no such file"):
+        calibration_tokens(tmp_path / "nope.txt", tmp_path / "dense", cfg, 4, 16, seed=0)
+
+
+def test_every_method_converts():
+    for method in METHODS:
+        model, cfg = convert(method, experts=4, top_k=2, gate="noisy-mlp")
+        out = model.train()(calib(2)[:, :-1], labels=calib(2)[:, 1:])
+        assert torch.isfinite(out.loss) and out.aux_loss.item() > 0
