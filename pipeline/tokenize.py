@@ -302,10 +302,15 @@ def _trained_tokenizer(inputs, vocab: int, out: Path, log):
 
 
 def iter_texts(paths, batch_size: int = 1024):
+    """The `text` column of Parquet files, in order (what the BPE is trained on)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     for p in paths:
-        for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=["text"]):
-            yield from (t for t in batch.column("text").to_pylist() if t)
+        try:
+            for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=["text"]):
+                yield from (t for t in batch.column("text").to_pylist() if t)
+        except (pa.ArrowException, OSError) as e:
+            raise CurateError(f"cannot read {p} to train the tokenizer: {e}") from e
 
 
 def _finalize(src: Path, out: Path, inputs, markers: dict, info: dict, dtype: str, config_hash: str,

@@ -101,7 +101,7 @@ def load_tokenizer(spec: str | Path) -> LoadedTokenizer:
             raise CurateError(f"tokenizer directory {p} has no tokenizer.json, tokenizer.model or tokenizer_config.json")
         source = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else None
         return _from_transformers(_auto_tokenizer(p), "hf-directory", spec,
-                                  _sha256_file(source) if source else None)
+                                  _sha256_file(source) if source else None, fast_file=source)
     suffix = p.suffix.lower()
     if suffix == ".gguf":
         return _from_transformers(_auto_tokenizer(p.parent, gguf_file=p.name), "gguf", spec, _sha256_file(p))
@@ -158,13 +158,20 @@ def _auto_tokenizer(path: Path, **kw):
         raise CurateError(f"transformers cannot load a tokenizer from {what}: {e}") from e
 
 
-def _from_transformers(tok, kind: str, spec: str, source_sha: str | None,
-                       force_bos: bool | None = None) -> LoadedTokenizer:
+def _from_transformers(tok, kind: str, spec: str, source_sha: str | None, force_bos: bool | None = None,
+                       fast_file: Path | None = None) -> LoadedTokenizer:
+    """Special tokens from a transformers tokenizer `tok`; the fast tokenizer itself from `fast_file`
+    when there is one (transformers may rewrite the post-processor or padding of the copy it holds,
+    which would change the saved file's sha256 without changing the encoding we use)."""
+    from tokenizers import Tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
+    if fast_file is not None:
+        fast = Tokenizer.from_file(str(fast_file))
+    elif backend is not None:
+        fast = Tokenizer.from_str(backend.to_str())
+    else:
         raise CurateError(f"tokenizer {spec}: transformers gave a slow tokenizer ({type(tok).__name__}) "
                           "that cannot be saved as tokenizer.json; provide a tokenizer.json")
-    fast = _copy(backend)
     eos = tok.eos_token_id if tok.eos_token_id is not None else _find_special(fast, EOS_CANDIDATES)
     if eos is None:
         raise CurateError(f"tokenizer {spec} defines no end-of-text token (tried {', '.join(EOS_CANDIDATES)}); "
@@ -207,7 +214,7 @@ def _from_tokenizer_json(p: Path, spec: str) -> LoadedTokenizer:
         raise CurateError(f"{p} is not a readable tokenizer.json: {e}") from e
     config = p.parent / "tokenizer_config.json"
     if config.is_file():    # a tokenizer.json inside a HF directory: let transformers read the config
-        return _from_transformers(_auto_tokenizer(p.parent), "tokenizer-json", spec, _sha256_file(p))
+        return _from_transformers(_auto_tokenizer(p.parent), "tokenizer-json", spec, _sha256_file(p), fast_file=p)
     eos = _find_special(fast, EOS_CANDIDATES)
     if eos is None:
         raise CurateError(f"{p} has none of the usual end-of-text tokens ({', '.join(EOS_CANDIDATES)}); put it "
@@ -224,11 +231,6 @@ def _find_special(fast, names: Iterable[str]) -> int | None:
         if i is not None:
             return i
     return None
-
-
-def _copy(fast):
-    from tokenizers import Tokenizer
-    return Tokenizer.from_str(fast.to_str())
 
 
 def _sha256_file(p: Path) -> str:
