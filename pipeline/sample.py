@@ -140,7 +140,12 @@ PROSE_TEMPLATES = [
 ]
 
 
+IRREGULAR_PLURAL = {"leaf": "leaves", "savings": "savings"}
+
+
 def plural(n: str) -> str:
+    if n in IRREGULAR_PLURAL:
+        return IRREGULAR_PLURAL[n]
     if n.endswith(("s", "x", "ch", "sh")):
         return n + "es"
     if n.endswith("y") and n[-2] not in "aeiou":
@@ -192,9 +197,23 @@ class Writer:
         return " ".join(self.sentence(t) for _ in range(self.r.randint(lo, hi)))
 
     # -- domains
+    def plain_fact(self) -> str:
+        """Prices, phone numbers and shops in neutral prose: what a good ad classifier must not flag."""
+        r = self.r
+        return r.choice(PLAIN_FACTS).format(
+            price=r.randint(3, 900), pct=r.randint(2, 40), year=r.randint(1990, 2023), place=r.choice(PLACES),
+            phone=f"555-{r.randint(1000, 9999)}", product=r.choice(PRODUCTS), person=self.person(),
+            day=r.choice(["Monday", "Tuesday", "Saturday", "Sunday"]))
+
+    def _with_facts(self, paragraphs: list[str]) -> list[str]:
+        if self.r.random() < 0.25:
+            i = self.r.randrange(len(paragraphs))
+            paragraphs[i] = f"{paragraphs[i]} {self.plain_fact()}"
+        return paragraphs
+
     def c4(self) -> str:
         _, t = self.topic()
-        return "\n".join(self.paragraph(t) for _ in range(self.r.randint(2, 5)))
+        return "\n".join(self._with_facts([self.paragraph(t) for _ in range(self.r.randint(2, 5))]))
 
     def commoncrawl(self) -> str:
         r = self.r
@@ -202,7 +221,7 @@ class Writer:
         title = f"{r.choice(t['adjs']).capitalize()} {plural(r.choice(t['nouns']))} in {r.choice(PLACES)}"
         lines = [title, "Home | About | Blog | Contact",
                  f"Posted on {r.randint(1, 28)} {r.choice(MONTHS)} {r.randint(2009, 2023)} by {self.person()}"]
-        lines += [self.paragraph(t) for _ in range(r.randint(2, 4))]
+        lines += self._with_facts([self.paragraph(t) for _ in range(r.randint(2, 4))])
         lines.append(f"Tags: {name}, {r.choice(t['nouns'])}, {r.choice(t['nouns'])}")
         lines.append(r.choice(["Share this: Facebook Twitter Email", "Leave a comment",
                                f"{r.randint(0, 40)} comments", "Related posts"]))
@@ -328,9 +347,9 @@ class Writer:
             price=r.randint(5, 499), code=f"{r.choice(CODES)}{r.randint(10, 99)}", n=r.randint(2, 5),
             phone=f"1-800-{r.randint(200, 999)}-{r.randint(1000, 9999)}", day=r.choice(DAYS),
             adj=r.choice(AD_ADJ)) for _ in range(r.randint(4, 9))]
-        if host is not None and r.random() < 0.3:
+        if host is not None and r.random() < 0.5:
             _, t = self.topic()
-            lines.insert(0, self.sentence(t))
+            lines.insert(0, " ".join(self.sentence(t) for _ in range(r.randint(1, 2))))
         return "\n".join(lines)
 
     def disfluent(self, clean: str) -> str:
@@ -372,6 +391,16 @@ PRODUCTS = ["sneaker", "laptop", "mattress", "watch", "phone case", "coffee make
             "hosting plan", "skin cream", "gaming chair", "smart speaker"]
 AD_ADJ = ["amazing", "unbeatable", "exclusive", "premium", "best-selling", "limited edition", "brand new", "top rated"]
 CODES = ["SAVE", "DEAL", "SALE", "FREESHIP", "BONUS", "VIP", "EXTRA", "WELCOME"]
+PLAIN_FACTS = [
+    "The entrance fee is ${price} for adults, and children under twelve enter free.",
+    "Prices in {place} rose by {pct}% in {year}, according to the city council.",
+    "The office can be reached at {phone} on weekdays.",
+    "{person} paid ${price} for a used {product} in {year}.",
+    "The market in {place} is open every {day} until noon.",
+    "A survey found that {pct}% of households in {place} own a {product}.",
+    "The museum shop sells postcards and maps, and the cafe closes at five.",
+    "Shipping times from {place} grew longer after the storm in {year}.",
+]
 AD_TEMPLATES = [
     "Buy now and save {pct}% on all {products}!",
     "Use discount code {code} at checkout.",
