@@ -1,23 +1,60 @@
 """Filter configuration (`--config FILTERS.yaml`), validated on load, and the filter chain it builds.
 
-    length:        {min_chars: 1, min_words: 0}          # always on; defaults shown
-    ads:           {model: ads.bin, threshold: 0.5}      # fastText advertisement classifier
-    disfluency:    {kenlm: lm.bin, ...}                  # KenLM perplexity (+ optional fluency classifier)
-    batch_size:    1024                                  # documents per scorer call
+    length:                  # always on; defaults shown
+      min_chars: 1
+      min_words: 0
+    ads:                     # fastText advertisement classifier (`curate train-classifier --task ads`)
+      model: ads.bin         # required; relative paths are relative to this YAML file
+      threshold: 0.5         # remove when p(ad) >= threshold (written to the `ad_score` column)
+      thresholds: {C4: 0.7}  # optional per-domain overrides of `threshold`
+      domains: [CommonCrawl, C4]   # optional: score only these domains; others pass, ad_score null
+      drop_fraction: 0.5     # optional, instead of thresholds: a number, or {domain: fraction}
+    disfluency:              # KenLM perplexity and/or a fastText fluency classifier
+      kenlm: lm.bin          # `curate train-lm`; perplexity written to the `perplexity` column
+      max_perplexity: 1500   # remove when perplexity > this; or {domain: number, default: number}
+                             # (in a mapping, domains not named and no `default`: no limit)
+      fluency_model: fluency.bin   # optional (`curate train-classifier --task fluency`);
+      fluency_threshold: 0.5 #   p(disfluent) in `disfluency_score`; it says "remove" when >= this
+                             #   (a number, or a mapping like max_perplexity)
+      combine: either        # with both models: remove when `either` rule says so, or only when `both` do
+      domains: [...]         # optional, as for ads
+      drop_fraction: 0.15    # optional: calibrate max_perplexity (the fluency threshold when there
+                             # is no KenLM model) so that this fraction of each domain is removed,
+                             # counting what the other rule removes under `combine`.
+                             # Default: 0.15 (the paper's figure) when `kenlm` is given without
+                             # `max_perplexity`.
+    calibration:             # the sample `drop_fraction` is calibrated on
+      max_docs: 20000        #   documents scored at most, taken from the start of each sampled shard
+      max_shards: 16         #   shards sampled, evenly spaced over the sorted input list
+    batch_size: 1024         # documents per scorer call
+
+`drop_fraction` is the fraction of the documents *reaching* that filter, per domain: ads are
+calibrated on what the length filter keeps, disfluency on what the ads filter then keeps, which is
+the order the chain runs in. `curate filter` calibrates before the run and records the resulting
+thresholds in the config it hashes and writes to the manifest (`calibrated:` says what was asked
+and what the sample gave), so a re-run uses the same concrete thresholds.
 
 Unknown keys are rejected with the key named, so a typo never silently disables a filter.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from filters.base import DocumentFilter, LengthFilter
+from filters.calibrate import domain_thresholds, per_domain, removes
 from filters.errors import CurateError
+
+PerDomain = float | dict[str, float]        # one number, or {domain: number, "default": number}
+DEFAULT_DISFLUENCY_DROP = 0.15
+COMBINE = ("either", "both")
 
 
 @dataclass
@@ -27,10 +64,39 @@ class LengthConfig:
 
 
 @dataclass
+class AdsConfig:
+    model: str
+    threshold: float = 0.5
+    thresholds: dict[str, float] = field(default_factory=dict)
+    domains: list[str] | None = None
+    drop_fraction: PerDomain | None = None
+    calibrated: dict | None = None          # written by calibration
+
+
+@dataclass
+class DisfluencyConfig:
+    kenlm: str | None = None
+    max_perplexity: PerDomain | None = None
+    fluency_model: str | None = None
+    fluency_threshold: PerDomain = 0.5
+    combine: str = "either"
+    domains: list[str] | None = None
+    drop_fraction: PerDomain | None = None
+    calibrated: dict | None = None
+
+
+@dataclass
+class CalibrationConfig:
+    max_docs: int = 20000
+    max_shards: int = 16
+
+
+@dataclass
 class FilterConfig:
     length: LengthConfig = field(default_factory=LengthConfig)
-    ads: dict | None = None          # validated by filters.ads (next issue)
-    disfluency: dict | None = None   # validated by filters.fluency (next issue)
+    ads: AdsConfig | None = None
+    disfluency: DisfluencyConfig | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     batch_size: int = 1024
     source: str = ""                 # path it was loaded from (not part of the hash)
 
@@ -42,7 +108,32 @@ class FilterConfig:
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def needs_calibration(self) -> bool:
+        return any(s is not None and s.drop_fraction is not None for s in (self.ads, self.disfluency))
 
+    def domains_named(self) -> set[str]:
+        """Every domain name the config mentions, for checking against the dataset's domains."""
+        names: set[str] = set()
+        for sec in (self.ads, self.disfluency):
+            if sec is None:
+                continue
+            names |= set(sec.domains or ())
+            values = [sec.drop_fraction] + ([sec.thresholds] if isinstance(sec, AdsConfig)
+                                            else [sec.max_perplexity, sec.fluency_threshold])
+            for v in values:
+                if isinstance(v, dict):
+                    names |= set(v) - {"default"}
+        return names
+
+    def model_path(self, path: str) -> Path:
+        """A model path from the config: relative ones are relative to the YAML file's folder."""
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.source:
+            p = Path(self.source).parent / p
+        return p
+
+
+# ----------------------------------------------------------------------------- validation
 def _check_keys(section: str, raw: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -50,27 +141,122 @@ def _check_keys(section: str, raw: dict, allowed: set[str], where: str) -> None:
                           f"allowed: {', '.join(sorted(allowed))}")
 
 
+def _number(v: object, key: str, where: str, lo: float = 0.0, hi: float = math.inf,
+            lo_open: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+        and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
+        raise CurateError(f"{where}: {key} must be a number {rng}, got {v!r}")
+    return float(v)
+
+
+def _per_domain(v: object, key: str, where: str, allow_default: bool = True, **limits) -> PerDomain:
+    if isinstance(v, dict):
+        if not v:
+            raise CurateError(f"{where}: {key} is an empty mapping; give a number or {{domain: number}}")
+        out = {}
+        for d, x in v.items():
+            if not isinstance(d, str) or (d == "default" and not allow_default):
+                raise CurateError(f"{where}: {key} keys must be domain names, got {d!r}")
+            out[d] = _number(x, f"{key}.{d}", where, **limits)
+        return out
+    return _number(v, key, where, **limits)
+
+
+def _domains(v: object, key: str, where: str) -> list[str] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v or not all(isinstance(d, str) and d for d in v):
+        raise CurateError(f"{where}: {key} must be a non-empty list of domain names, got {v!r}")
+    return list(v)
+
+
+def _path(v: object, key: str, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise CurateError(f"{where}: {key} must be a path to a model file, got {v!r}")
+    return v
+
+
+def _section(raw: dict, name: str, where: str) -> dict | None:
+    sec = raw.get(name)
+    if sec is None:
+        return None
+    if not isinstance(sec, dict):
+        raise CurateError(f"{where}: '{name}' must be a mapping")
+    return sec
+
+
+def _parse_ads(sec: dict, where: str) -> AdsConfig:
+    _check_keys("ads.", sec, {f.name for f in dataclasses.fields(AdsConfig)}, where)
+    if "model" not in sec:
+        raise CurateError(f"{where}: ads.model is required (a fastText model from `curate train-classifier --task ads`)")
+    thresholds = sec.get("thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise CurateError(f"{where}: ads.thresholds must be a mapping {{domain: threshold}}")
+    return AdsConfig(
+        model=_path(sec["model"], "ads.model", where),
+        threshold=_number(sec.get("threshold", 0.5), "ads.threshold", where),
+        thresholds={d: t for d, t in _per_domain(thresholds, "ads.thresholds", where, allow_default=False).items()}
+        if thresholds else {},
+        domains=_domains(sec.get("domains"), "ads.domains", where),
+        drop_fraction=None if sec.get("drop_fraction") is None else
+        _per_domain(sec["drop_fraction"], "ads.drop_fraction", where, allow_default=False, hi=1.0),
+        calibrated=sec.get("calibrated"))
+
+
+def _parse_disfluency(sec: dict, where: str) -> DisfluencyConfig:
+    _check_keys("disfluency.", sec, {f.name for f in dataclasses.fields(DisfluencyConfig)}, where)
+    kenlm = None if sec.get("kenlm") is None else _path(sec["kenlm"], "disfluency.kenlm", where)
+    fluency = None if sec.get("fluency_model") is None else _path(sec["fluency_model"], "disfluency.fluency_model", where)
+    if kenlm is None and fluency is None:
+        raise CurateError(f"{where}: disfluency needs `kenlm` (a KenLM model from `curate train-lm`) "
+                          f"and/or `fluency_model` (from `curate train-classifier --task fluency`)")
+    max_ppl = None if sec.get("max_perplexity") is None else \
+        _per_domain(sec["max_perplexity"], "disfluency.max_perplexity", where, lo_open=True)
+    drop = None if sec.get("drop_fraction") is None else \
+        _per_domain(sec["drop_fraction"], "disfluency.drop_fraction", where, allow_default=False, hi=1.0)
+    if max_ppl is not None and kenlm is None:
+        raise CurateError(f"{where}: disfluency.max_perplexity needs disfluency.kenlm")
+    if kenlm is not None and max_ppl is None and drop is None:
+        drop = DEFAULT_DISFLUENCY_DROP
+    combine = sec.get("combine", "either")
+    if combine not in COMBINE:
+        raise CurateError(f"{where}: disfluency.combine must be one of {', '.join(COMBINE)}, got {combine!r}")
+    return DisfluencyConfig(
+        kenlm=kenlm, max_perplexity=max_ppl, fluency_model=fluency,
+        fluency_threshold=_per_domain(sec.get("fluency_threshold", 0.5), "disfluency.fluency_threshold", where),
+        combine=combine, domains=_domains(sec.get("domains"), "disfluency.domains", where),
+        drop_fraction=drop, calibrated=sec.get("calibrated"))
+
+
 def parse_filter_config(raw: dict | None, where: str = "filter config") -> FilterConfig:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise CurateError(f"{where}: expected a mapping at the top level")
-    _check_keys("", raw, {"length", "ads", "disfluency", "batch_size"}, where)
-    length = raw.get("length") or {}
-    if not isinstance(length, dict):
-        raise CurateError(f"{where}: 'length' must be a mapping")
+    _check_keys("", raw, {"length", "ads", "disfluency", "calibration", "batch_size"}, where)
+    length = _section(raw, "length", where) or {}
     _check_keys("length.", length, {"min_chars", "min_words"}, where)
     lc = LengthConfig(**length)
     for k in ("min_chars", "min_words"):
         v = getattr(lc, k)
-        if not isinstance(v, int) or v < 0:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise CurateError(f"{where}: length.{k} must be a non-negative integer, got {v!r}")
     bs = raw.get("batch_size", 1024)
-    if not isinstance(bs, int) or bs < 1:
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
         raise CurateError(f"{where}: batch_size must be a positive integer, got {bs!r}")
-    for sec in ("ads", "disfluency"):
-        if raw.get(sec) is not None and not isinstance(raw[sec], dict):
-            raise CurateError(f"{where}: '{sec}' must be a mapping")
-    return FilterConfig(length=lc, ads=raw.get("ads"), disfluency=raw.get("disfluency"), batch_size=bs)
+    cal = _section(raw, "calibration", where) or {}
+    _check_keys("calibration.", cal, {"max_docs", "max_shards"}, where)
+    cc = CalibrationConfig(**cal)
+    for k in ("max_docs", "max_shards"):
+        v = getattr(cc, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CurateError(f"{where}: calibration.{k} must be a positive integer, got {v!r}")
+    ads = _section(raw, "ads", where)
+    dis = _section(raw, "disfluency", where)
+    return FilterConfig(length=lc, ads=None if ads is None else _parse_ads(ads, where),
+                        disfluency=None if dis is None else _parse_disfluency(dis, where),
+                        calibration=cc, batch_size=bs)
 
 
 def load_filter_config(path: str | Path | None) -> FilterConfig:
@@ -84,13 +270,85 @@ def load_filter_config(path: str | Path | None) -> FilterConfig:
     except yaml.YAMLError as e:
         raise CurateError(f"filter config {p} is not valid YAML: {e}") from e
     cfg = parse_filter_config(raw, where=str(p))
-    cfg.source = str(p)
+    cfg.source = str(p.resolve())      # absolute, so workers resolve model paths the same way
     return cfg
 
 
+# ----------------------------------------------------------------------------- the chain
 def build_filters(cfg: FilterConfig) -> list[DocumentFilter]:
-    """The chain in the order it runs: cheap rules first, then the models."""
+    """The chain in the order it runs: cheap rules first, then the models.
+
+    Models are not loaded here (call `load()`); a config whose `drop_fraction` is not calibrated
+    yet builds filters that can score (for calibration) but refuse to decide."""
+    from filters.ads import AdFilter
+    from filters.fluency import DisfluencyFilter
+
     chain: list[DocumentFilter] = [LengthFilter(cfg.length.min_chars, cfg.length.min_words)]
-    if cfg.ads is not None or cfg.disfluency is not None:
-        raise CurateError("the ads and disfluency filters are not built yet")  # replaced by the classifier issue
+    if cfg.ads is not None:
+        a = cfg.ads
+        chain.append(AdFilter(cfg.model_path(a.model), threshold=a.threshold, thresholds=a.thresholds,
+                              domains=a.domains, calibrated=a.drop_fraction is None))
+    if cfg.disfluency is not None:
+        d = cfg.disfluency
+        chain.append(DisfluencyFilter(
+            kenlm=None if d.kenlm is None else cfg.model_path(d.kenlm), max_perplexity=d.max_perplexity,
+            fluency_model=None if d.fluency_model is None else cfg.model_path(d.fluency_model),
+            fluency_threshold=d.fluency_threshold, combine=d.combine, domains=d.domains,
+            calibrated=d.drop_fraction is None))
     return chain
+
+
+def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np.ndarray]) -> FilterConfig:
+    """Turn every `drop_fraction` into concrete per-domain thresholds.
+
+    domains, scores: the calibration sample after the length filter, with every score column the
+    chain computes (NaN where a filter does not score a document). Filters are calibrated in
+    chain order, each on the documents the ones before it keep. Returns a new config whose
+    sections have thresholds instead of `drop_fraction`, and a `calibrated` record.
+    """
+    dom = np.asarray(domains, dtype=object)
+    n = dom.size
+    alive = np.ones(n, bool)
+    out = dataclasses.replace(cfg)
+
+    if cfg.ads is not None:
+        a = cfg.ads
+        p_ad = np.asarray(scores["ad_score"], dtype=np.float64)
+        if a.drop_fraction is not None:
+            res = domain_thresholds(np.where(alive, p_ad, np.nan), dom, a.drop_fraction, inclusive=True)
+            thresholds = {**a.thresholds, **res.thresholds}
+            out.ads = dataclasses.replace(a, threshold=a.threshold if res.default is None else res.default,
+                                          thresholds=thresholds, drop_fraction=None,
+                                          calibrated=res.record(a.drop_fraction))
+        ads = out.ads
+        alive &= ~removes(p_ad, per_domain(dom, ads.threshold, ads.thresholds), inclusive=True)
+
+    if cfg.disfluency is not None and cfg.disfluency.drop_fraction is not None:
+        d = cfg.disfluency
+        ppl = np.asarray(scores["perplexity"], dtype=np.float64) if d.kenlm else None
+        dis = np.asarray(scores["disfluency_score"], dtype=np.float64) if d.fluency_model else None
+        if ppl is None:      # classifier only: calibrate its threshold
+            res = domain_thresholds(np.where(alive, dis, np.nan), dom, d.drop_fraction, inclusive=True)
+            out.disfluency = dataclasses.replace(
+                d, fluency_threshold=_merge(d.fluency_threshold, res), drop_fraction=None,
+                calibrated=res.record(d.drop_fraction))
+        else:
+            other = None
+            if dis is not None:
+                other = removes(dis, per_domain(dom, d.fluency_threshold), inclusive=True)
+            res = domain_thresholds(np.where(alive, ppl, np.nan), dom, d.drop_fraction, inclusive=False,
+                                    forced=other if d.combine == "either" else None,
+                                    eligible=other if d.combine == "both" else None)
+            out.disfluency = dataclasses.replace(
+                d, max_perplexity=_merge(d.max_perplexity, res), drop_fraction=None,
+                calibrated=res.record(d.drop_fraction))
+    return out
+
+
+def _merge(old: PerDomain | None, res) -> dict[str, float]:
+    """Calibrated thresholds over the ones the config had (for domains not calibrated)."""
+    merged = dict(old) if isinstance(old, dict) else ({} if old is None else {"default": old})
+    merged.update(res.thresholds)
+    if res.default is not None:
+        merged["default"] = res.default
+    return merged

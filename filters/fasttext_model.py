@@ -1,0 +1,119 @@
+"""fastText classifiers as the filters use them: load with checks, batched p(label).
+
+    model = load_classifier("ads.bin", task="ads")
+    p_ad = label_probability(model, normalize_texts(texts), "ad")
+
+The two tasks and their labels (positive label first: the one the filter removes):
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from filters.errors import CurateError
+
+TASKS: dict[str, tuple[str, str]] = {
+    "ads": ("ad", "clean"),
+    "fluency": ("disfluent", "fluent"),
+}
+PREFIX = "__label__"
+
+
+def load_classifier(path: str | Path, task: str, what: str | None = None):
+    """Load a supervised fastText model and check it is complete and has the task's labels."""
+    import fasttext
+
+    what = what or f"{task} model"
+    p = Path(path)
+    if not p.is_file():
+        raise CurateError(f"{what} file {p} does not exist (check the path in the filter config, "
+                          f"or train one with `curate train-classifier --task {task}`)")
+    _check_header(p, what)
+    try:
+        model = fasttext.load_model(str(p))
+    except (ValueError, MemoryError, RuntimeError) as e:   # bad magic number, std::bad_alloc on a corrupt header
+        raise CurateError(f"{what} file {p} is not a readable fastText model ({e})") from e
+    _check_complete(model, p, what)
+    labels = set(model.labels)
+    wanted = {PREFIX + name for name in TASKS[task]}
+    if not wanted <= labels:
+        raise CurateError(f"{what} file {p} has labels {sorted(labels)}, expected {sorted(wanted)}: "
+                          f"was it trained with `curate train-classifier --task {task}`?")
+    return model
+
+
+# magic, version, 12 int32 args (dim, ws, epoch, minCount, neg, wordNgrams, loss, model, bucket, minn,
+# maxn, lrUpdateRate), t, then the dictionary header: size, nwords, nlabels, ntokens, pruneidx_size
+_HEADER = struct.Struct("<ii12idiiiqq")
+_MAGIC = 793712314
+
+
+def _check_header(path: Path, what: str) -> None:
+    """Refuse a file fastText's loader would choke on, before calling it.
+
+    fastText reads a truncated dictionary by appending end-of-file characters to a word until
+    memory runs out (minutes, gigabytes), so a file too short for the sizes its header announces
+    is caught here. Full-size files (the common case) need only the fixed-size header.
+    """
+    size = os.path.getsize(path)
+    with path.open("rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or _HEADER.unpack(head)[0] != _MAGIC:
+        raise CurateError(f"{what} file {path} is not a fastText model (wrong header)")
+    fields = _HEADER.unpack(head)
+    dim, bucket, n_entries, nwords, nlabels, prune = fields[2], fields[10], *fields[15:18], fields[19]
+    if min(dim, bucket, nwords, nlabels) < 0 or nwords + nlabels != n_entries:
+        raise CurateError(f"{what} file {path} is corrupt (inconsistent fastText header)")
+    full = _HEADER.size + 10 * n_entries + 34 + 4 * dim * (nwords + bucket + nlabels)
+    if size >= full:
+        return
+    # smaller than a plain model of these sizes: a quantized model, or a truncated file
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = _HEADER.size
+        for _ in range(n_entries):          # each entry: word, NUL, int64 count, int8 type
+            end = mm.find(b"\0", pos)
+            if end < 0:
+                pos = size
+                break
+            pos = end + 10
+        pos += 8 * max(prune, 0)
+        if pos >= size or mm[pos] == 0:     # the byte after the dictionary says "quantized"
+            raise CurateError(f"{what} file {path} is truncated: {size} bytes, less than its header "
+                              f"announces ({n_entries} words and labels, {dim}-dimensional vectors)")
+
+
+def _check_complete(model, path: Path, what: str) -> None:
+    """fastText's loader reads past the end of a truncated file without complaint (leaving
+    garbage weights), so compare the matrix sizes it announced with the file's size."""
+    if model.is_quantized():
+        return      # quantized matrices are stored in a compressed layout; nothing cheap to compare
+    # the raw matrix objects expose the buffer protocol: reading .shape copies nothing
+    inp = memoryview(model.f.getInputMatrix()).shape
+    out = memoryview(model.f.getOutputMatrix()).shape
+    dim = model.get_dimension()
+    needed = 4 * (inp[0] * inp[1] + out[0] * out[1])
+    if inp[1] != dim or out[1] != dim or out[0] != len(model.labels) or os.path.getsize(path) < needed:
+        raise CurateError(f"{what} file {path} is truncated or corrupt: its header announces "
+                          f"{needed} bytes of weights but the file has {os.path.getsize(path)} bytes")
+
+
+def label_probability(model, texts: Sequence[str], label: str) -> np.ndarray:
+    """p(label) for each normalised one-line text, in one batched `predict` call.
+
+    Asks for every label (k=-1) and divides by their sum: fastText adds 1e-5 to each probability
+    it returns, so the raw value can exceed 1; the ratio is the model's probability, in [0, 1].
+    """
+    out = np.full(len(texts), np.nan)
+    if not texts:
+        return out
+    target = PREFIX + label
+    labels, probs = model.predict(list(texts), k=-1)
+    for i, (names, p) in enumerate(zip(labels, probs)):
+        scores = dict(zip(names, p.tolist()))
+        out[i] = scores.get(target, 0.0) / sum(scores.values())
+    return out

@@ -1,0 +1,130 @@
+"""The disfluency filter: KenLM perplexity (as cc_net computes it) and/or a fastText fluency classifier.
+
+    f = DisfluencyFilter(kenlm="lm.bin", max_perplexity={"C4": 900, "default": 1500})
+    f.load()
+    res = f.filter(texts, domains)   # res.scores["perplexity"]; keep = perplexity <= limit
+
+Perplexity of a document = 10 ** (-sum of line log10 scores / sum of (words + 1) per line), each
+line normalised by `normalize_lines` and scored by KenLM with sentence begin and end markers (the
++1 counts the end marker). Rules: remove when perplexity > max_perplexity; with a fluency model,
+its rule says remove when p(disfluent) >= fluency_threshold, and `combine` decides whether either
+rule or both are needed. A domain without a limit in a per-domain mapping is scored, never removed
+by that rule.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from filters.base import DocumentFilter, FilterResult, file_sha256
+from filters.calibrate import in_domains, per_domain, removes
+from filters.errors import CurateError
+from filters.fasttext_model import label_probability, load_classifier
+from filters.normalize import normalize_lines, normalize_texts
+
+
+def load_kenlm(path: str | Path, what: str = "KenLM model"):
+    import kenlm
+
+    p = Path(path)
+    if not p.is_file():
+        raise CurateError(f"{what} file {p} does not exist (check the path in the filter config, "
+                          f"or train one with `curate train-lm`)")
+    try:
+        return kenlm.Model(str(p))
+    except (OSError, ValueError, RuntimeError, MemoryError) as e:   # KenLM reports bad files as OSError
+        raise CurateError(f"{what} file {p} is not a readable KenLM model (ARPA or binary): {e}") from e
+
+
+def perplexities(model, texts: Sequence[str]) -> np.ndarray:
+    """cc_net's document perplexity for each text. A text with no words after normalisation is
+    scored as one empty line (only the end marker), so every document gets a finite value."""
+    score = model.score          # bos=True, eos=True: each line is a sentence
+    out = np.empty(len(texts))
+    for i, text in enumerate(texts):
+        lines = normalize_lines(text) or [""]
+        log10 = 0.0
+        words = 0
+        for line in lines:
+            log10 += score(line)
+            words += len(line.split()) + 1
+        out[i] = 10.0 ** (-log10 / words)
+    return out
+
+
+class DisfluencyFilter(DocumentFilter):
+    reason = "disfluency"
+
+    def __init__(self, kenlm: str | Path | None = None, max_perplexity: float | Mapping[str, float] | None = None,
+                 fluency_model: str | Path | None = None, fluency_threshold: float | Mapping[str, float] = 0.5,
+                 combine: str = "either", domains: Sequence[str] | None = None, calibrated: bool = True) -> None:
+        if kenlm is None and fluency_model is None:
+            raise ValueError("DisfluencyFilter needs a KenLM model, a fluency classifier, or both")
+        self.kenlm_path = None if kenlm is None else Path(kenlm)
+        self.fluency_path = None if fluency_model is None else Path(fluency_model)
+        self.max_perplexity = max_perplexity
+        self.fluency_threshold = fluency_threshold
+        self.combine = combine
+        self.domains = None if domains is None else list(domains)
+        self.calibrated = calibrated
+        self.columns = (("perplexity",) if kenlm is not None else ()) + \
+                       (("disfluency_score",) if fluency_model is not None else ())
+        self._lm = None
+        self._clf = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lm": None, "_clf": None}
+
+    def load(self) -> None:
+        if self.kenlm_path is not None and self._lm is None:
+            self._lm = load_kenlm(self.kenlm_path)
+        if self.fluency_path is not None and self._clf is None:
+            self._clf = load_classifier(self.fluency_path, "fluency", what="fluency model")
+
+    def score(self, texts: Sequence[str], domains: Sequence[str]) -> dict[str, np.ndarray]:
+        self.load()
+        idx = np.flatnonzero(in_domains(domains, self.domains))
+        chosen = [texts[i] for i in idx]
+        out = {c: np.full(len(texts), np.nan) for c in self.columns}
+        if not chosen:
+            return out
+        if self._lm is not None:
+            out["perplexity"][idx] = perplexities(self._lm, chosen)
+        if self._clf is not None:
+            out["disfluency_score"][idx] = label_probability(self._clf, normalize_texts(chosen), "disfluent")
+        return out
+
+    def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:
+        if not self.calibrated:
+            raise CurateError("disfluency.drop_fraction is set but its threshold was not calibrated "
+                              "(`curate filter` calibrates it on a sample of the input first)")
+        rules = []
+        if self.kenlm_path is not None:
+            rules.append(removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False))
+        if self.fluency_path is not None:
+            rules.append(removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold),
+                                 inclusive=True))
+        if len(rules) == 1:
+            remove = rules[0]
+        elif self.combine == "both":
+            remove = rules[0] & rules[1]
+        else:
+            remove = rules[0] | rules[1]
+        return ~remove
+
+    def filter(self, texts: Sequence[str], domains: Sequence[str]) -> FilterResult:
+        scores = self.score(texts, domains)
+        return FilterResult(keep=self.decide(scores, domains), scores=scores)
+
+    def describe(self) -> dict:
+        d: dict = {"reason": self.reason, "domains": self.domains}
+        if self.kenlm_path is not None:
+            d.update(kenlm=str(self.kenlm_path), kenlm_sha256=file_sha256(self.kenlm_path, "KenLM model"),
+                     max_perplexity=self.max_perplexity)
+        if self.fluency_path is not None:
+            d.update(fluency_model=str(self.fluency_path),
+                     fluency_model_sha256=file_sha256(self.fluency_path, "fluency model"),
+                     fluency_threshold=self.fluency_threshold, combine=self.combine)
+        return d

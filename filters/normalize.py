@@ -1,0 +1,89 @@
+"""Text normalisation shared by model training and scoring (cc_net style).
+
+    normalize_text(text)          one document -> one line, for fastText (newlines become spaces)
+    normalize_lines(text)         one document -> its non-empty normalised lines, for KenLM
+
+Both apply the same character rules, which cc_net uses for its KenLM models:
+lowercase; accents stripped (NFKD, then combining marks dropped); every digit -> "0"; Unicode
+quotes, dashes and other punctuation -> their ASCII forms (NFKD already folds full-width forms
+and ligatures); Unicode spaces -> " "; control and format characters removed. Where cc_net deletes
+tabs and other whitespace controls, they become a space here, so that words never glue together.
+
+`curate train-classifier` and `curate train-lm` normalise their training text with these same
+functions, so a model always sees text shaped the way it was trained on.
+
+Speed matters (this runs on every scored document, right before the model): ASCII characters are
+handled by a byte-level `translate` (C speed), and only runs of non-ASCII characters go through
+the per-character rules, cached per run because the same words repeat.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Iterable
+
+# Unicode punctuation that NFKD leaves alone, mapped to ASCII (the idea of cc_net's table).
+_PUNCT = {
+    **dict.fromkeys("‘’‚‛′‵ʼ´`", "'"),
+    **dict.fromkeys("“”„‟″‶«»「」『』《》〝〞", '"'),
+    **dict.fromkeys("‐‑‒–—―−━", "-"),
+    **dict.fromkeys("•·●►▪", "-"),
+    "。": ".", "、": ",", "【": "[", "】": "]", "〈": "<", "〉": ">",
+}
+
+_DIGITS = b"0123456789"
+_SPACES = b"\t\r\x0b\x0c"
+# ASCII controls other than the whitespace ones are deleted (as cc_net does)
+_DELETE = bytes(c for c in range(32) if c not in b"\t\n\r\x0b\x0c") + b"\x7f"
+# byte tables: digits -> 0, whitespace controls -> space; one keeps "\n", the other flattens it
+_KEEP_NEWLINES = bytes.maketrans(_DIGITS + _SPACES, b"0" * 10 + b" " * len(_SPACES))
+_ONE_LINE = bytes.maketrans(_DIGITS + _SPACES + b"\n", b"0" * 10 + b" " * (len(_SPACES) + 1))
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _fold_char(ch: str) -> str:
+    cat = unicodedata.category(ch)
+    if cat == "Mn" or cat in ("Cc", "Cf", "Cs"):      # accents left by NFKD; C1 controls, zero-width, lone surrogates
+        return ""
+    if cat == "Nd":
+        return "0"
+    if cat[0] == "Z":                                # no-break, thin, ideographic spaces; line separators
+        return " "
+    return ch
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _fold_run(run: str) -> str:
+    """A run of non-ASCII characters, already lowercased, through the Unicode rules."""
+    run = unicodedata.normalize("NFKD", "".join(_PUNCT.get(c, c) for c in run))
+    # NFKD can produce capitals (e.g. from letter-like symbols), hence the second lower()
+    return "".join(map(_fold_char, run)).lower()
+
+
+def _fold_non_ascii(m: re.Match) -> str:
+    return _fold_run(m.group())
+
+
+def _normalize(text: str, table: bytes) -> str:
+    text = text.lower()
+    if not text.isascii():
+        text = _NON_ASCII.sub(_fold_non_ascii, text)
+    # every byte below 0x80 in UTF-8 is an ASCII character, so the byte table is safe on any text
+    return text.encode("utf-8").translate(table, _DELETE).decode("utf-8")
+
+
+def normalize_text(text: str) -> str:
+    """One document as one normalised line (the fastText input): newlines become spaces."""
+    return _normalize(text, _ONE_LINE)
+
+
+def normalize_texts(texts: Iterable[str]) -> list[str]:
+    """`normalize_text` over a batch."""
+    return [_normalize(t, _ONE_LINE) for t in texts]
+
+
+def normalize_lines(text: str) -> list[str]:
+    """The document's lines, normalised and stripped, empty ones dropped (the KenLM input)."""
+    return [s for line in _normalize(text, _KEEP_NEWLINES).split("\n") if (s := line.strip())]
