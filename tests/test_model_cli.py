@@ -1,0 +1,110 @@
+"""`curate convert` and `curate export --format hf-mixtral` through the real command line; the
+benchmark script's CPU smoke run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
+
+from conftest import ROOT, curate
+from trainer.checkpoint_io import load_model, read_record
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("dense") / "llama"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def tokens(n=2, t=40):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(7))
+
+
+def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixtral(dense_dir, tmp_path):
+    moe_dir, hf_dir = tmp_path / "moe", tmp_path / "hf"
+    curate("convert", "--dense", dense_dir, "--out", moe_dir, "--experts", 4, "--top-k", 2,
+           "--method", "independent-random", "--gate", "linear", "--seed", 3)
+    raw = json.loads((moe_dir / "config.json").read_text())
+    moe = raw["model"]["moe"]
+    assert (moe["method"], moe["seed"], moe["scale"], moe["gate"], moe["gate_init"]) == \
+        ("independent-random", 3, 2.0, "linear", "random")
+    for layer in moe["partition"]["experts"]:
+        assert sorted(i for expert in layer for i in expert) == list(range(128))
+    assert read_record(moe_dir)["conversion"]["dense"] == str(dense_dir.resolve())
+
+    proc = curate("export", moe_dir, "--format", "hf-mixtral", "--out", hf_dir)
+    assert "max |logit difference|" in proc.stdout
+    ours, _ = load_model(moe_dir)
+    mixtral = MixtralForCausalLM.from_pretrained(hf_dir).eval()
+    x = tokens()
+    with torch.no_grad():
+        a, b = ours.eval()(x).logits, mixtral(x).logits
+    assert (a - b).abs().max().item() < 1e-4
+    # the routing really is sparse and uneven, so agreement is not an accident of uniform weights
+    assert len({tuple(v.tolist()) for v in ours.expert_load().values()}) > 1
+
+
+def test_zero_gate_full_top_k_export_reproduces_the_dense_llama(dense_dir, tmp_path):
+    curate("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 4, "--scale", 4,
+           "--method", "independent-clustering", "--gate", "linear", "--gate-init", "zero")
+    curate("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
+    dense = LlamaForCausalLM.from_pretrained(dense_dir).eval()
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (dense(x).logits - mixtral(x).logits).abs().max().item() < 1e-4
+
+
+def test_sharing_inner_exports_but_noisy_gates_and_shared_parts_are_refused(dense_dir, tmp_path):
+    curate("convert", "--dense", dense_dir, "--out", tmp_path / "inner", "--experts", 4, "--top-k", 2,
+           "--method", "sharing-inner", "--gate", "linear")
+    curate("export", tmp_path / "inner", "--format", "hf-mixtral", "--out", tmp_path / "inner-hf")
+    assert (tmp_path / "inner-hf" / "config.json").is_file()
+
+    proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "noisy", "--experts", 4, "--top-k", 2,
+                  "--method", "independent-random")           # default gate: noisy-mlp
+    assert "calibration" not in proc.stdout
+    refused = curate("export", tmp_path / "noisy", "--format", "hf-mixtral", "--out", tmp_path / "x", check=False)
+    assert refused.returncode == 2 and "--gate linear" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "x").exists()
+
+    proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "inter", "--experts", 4, "--top-k", 2,
+                  "--method", "sharing-inter", "--gate", "linear")
+    assert "random tokens" in proc.stdout  # says that no calibration data was given
+    refused = curate("export", tmp_path / "inter", "--format", "hf-mixtral", "--out", tmp_path / "y", check=False)
+    assert refused.returncode == 2 and "shared" in refused.stderr
+
+
+def test_convert_refuses_bad_input_and_never_overwrites(dense_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    proc = curate("convert", "--dense", dense_dir, "--out", out, "--experts", 4, "--top-k", 2,
+                  "--method", "independent-random", check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "m", "--experts", 3, "--top-k", 1,
+                  "--method", "independent-random", check=False)
+    assert proc.returncode == 2 and "equal experts" in proc.stderr and not (tmp_path / "m").exists()
+
+
+def test_benchmark_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_speed.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert set(r["model"]) == {"dense-matched", "dense-full", "moe-grouped", "moe-loop", "hf-grouped"}
+    assert all(v["tokens_per_s"] > 0 for v in r["model"].values())
+    assert all(v < 1e-4 for v in r["checks"]["grouped_vs_loop_rel_max"].values())
+    assert "model: moe-grouped / dense-matched" in r["ratios"]
