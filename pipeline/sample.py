@@ -467,7 +467,8 @@ def _label_rows(rng: random.Random, domains: tuple[str, ...], per_domain: int, s
         for _ in range(per_domain):
             clean = make(w)
             if task == "ads":
-                pos, neg = w.advertisement(host=d), clean
+                # disfluent text (keyword stuffing included) is "clean" here: the disfluency filter owns it
+                pos, neg = w.advertisement(host=d), (clean if rng.random() > 0.15 else w.disfluent(make(w)))
                 labels = ("ad", "clean")
             else:
                 # the fluency classifier must not confuse ads with disfluency: ads count as fluent
