@@ -35,7 +35,7 @@ MEASURE = "measure"
 @dataclass
 class SamplerConfig:
     kind: str = "static"
-    preset: str | None = "uniform"
+    preset: str | None = None             # None without weights: "uniform"
     weights: dict[str, float] | None = None
     rule: str = "sheared-paper"
     eta: float = 1.0
@@ -57,8 +57,6 @@ class SamplerConfig:
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise CurateError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        if "weights" in raw and raw["weights"] is not None and "preset" not in raw:
-            raw["preset"] = None     # explicit weights replace the default preset
         if "reweight_every_tokens" in raw:
             raw["reweight_every_tokens"] = _as_token_count(raw["reweight_every_tokens"], where)
         try:
@@ -69,6 +67,8 @@ class SamplerConfig:
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise CurateError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.weights is None and self.preset is None:
+            self.preset = "uniform"
         if self.weights is not None and self.preset is not None:
             raise CurateError("give either 'preset' or 'weights', not both")
         if self.weights is None and self.preset not in PRESETS:
