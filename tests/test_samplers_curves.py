@@ -7,7 +7,6 @@ import math
 import re
 from pathlib import Path
 
-import pytest
 from conftest import curate
 
 from samplers import update_weights

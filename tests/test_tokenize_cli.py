@@ -237,6 +237,7 @@ def test_single_document_domain_holds_out_its_tail(sample_dir, tmp_path):
     # training stream = the head, evaluation stream = the tail, nothing in both
     assert np.array_equal(tokens.train_window("Books", 0, books["train_tokens"]), whole[:books["train_tokens"]])
     assert np.array_equal(np.fromfile(tokdir / books["eval_file"], dtype=m["dtype"]), whole[books["train_tokens"]:])
+    assert json.loads((tokdir / books["eval_doc_ids"]).read_text()) == [docs["Books"][0]["id"]]
     assert m["domains"]["C4"]["eval_docs"] == 3
 
 
