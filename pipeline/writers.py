@@ -78,7 +78,12 @@ class ParquetSink:
         self.path, self.schema = path, schema
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_path(path)
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        # Dictionary-encode and keep min/max statistics only where they pay: a dictionary or
+        # min/max over long unique texts costs time and saves nothing.
+        small = [f.name for f in schema if f.name != "text"]
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd",
+                                       use_dictionary=[c for c in ("domain", "source", "reason") if c in schema.names],
+                                       write_statistics=small)
         self.rows = 0
         self._buf: dict[str, list] = {f.name: [] for f in schema}
         self.buffered_bytes = 0
