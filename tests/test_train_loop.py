@@ -167,6 +167,18 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(noisy_run,
     assert len(rows(cut, "domain_weights.jsonl", "tokens")) == 5     # 0, 512, ..., 2048: none repeated
 
 
+def test_activation_checkpointing_changes_no_number(noisy_run, tmp_path):
+    """Recomputing blocks in the backward (with the gate noise replayed) gives the same run."""
+    cfg, full = noisy_run
+    raw = yaml.safe_load(Path(cfg).read_text())
+    raw["train"]["activation_checkpointing"] = True
+    other = tmp_path / "ac.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    curate("train", "--config", other, "--out", tmp_path / "ac", env=ENV)
+    a, b = rows(full, "metrics.jsonl", "step"), rows(tmp_path / "ac", "metrics.jsonl", "step")
+    assert a.keys() == b.keys() and max(abs(a[s]["loss"] - b[s]["loss"]) for s in b) < 1e-5
+
+
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(noisy_run, tmp_path):
     cfg, full = noisy_run
     run = tmp_path / "run"

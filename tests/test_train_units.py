@@ -148,3 +148,14 @@ def test_jsonl_truncation_drops_steps_past_the_checkpoint_and_torn_lines(tmp_pat
     assert [json.loads(line)["step"] for line in p.read_text().splitlines()] == [1, 2, 3]
     append_jsonl(p, {"step": 4, "loss": float("nan")})
     assert json.loads(p.read_text().splitlines()[-1])["loss"] is None
+
+
+def test_demo_config_is_valid_and_reweights_within_forty_steps(tmp_path):
+    from trainer.config import demo_train_config
+    path = write_train_config(tmp_path / "run" / "config.yaml",
+                              **demo_train_config(tmp_path / "tokens", {"path": str(tmp_path / "moe")}))
+    cfg = load_train_config(path, overrides={"train.max_steps": 40, "train.checkpoint_every": 10})
+    global_tokens = cfg.data.global_batch_tokens
+    assert cfg.sampler["kind"] == "dynamic" and cfg.sampler["reference_losses"] == "measure"
+    assert 40 * global_tokens // cfg.sampler["reweight_every_tokens"] >= 2
+    assert cfg.train.log_every == 1 and cfg.data.tokens == str(tmp_path / "tokens")

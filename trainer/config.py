@@ -139,7 +139,7 @@ class OptimSection:
 class TrainSection:
     max_steps: int | None = None        # optimizer steps; or give max_tokens
     max_tokens: int | None = None
-    seed: int = 0
+    seed: int = 0                       # initialisation and gate noise (the data order: sampler.seed)
     eval_every_tokens: int | None = None     # None: the sampler's reweight_every_tokens
     eval_batches: int = 4               # held-out micro-batches per domain per evaluation
     log_every: int = 10
@@ -319,6 +319,22 @@ def write_train_config(path: str | Path, **sections: Any) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p)
     return p
+
+
+def demo_train_config(tokens: str | Path, model: dict[str, Any], steps: int = 60) -> dict[str, Any]:
+    """Sections of a CPU-sized run for `curate demo` (pass them to `write_train_config`): `model` is a
+    model section ({"path": ...} or {"dense": ..., "convert": {...}}). The dynamic sampler measures its
+    references at the start and reweights every 5 steps, so a 40-step run updates the weights 8 times;
+    one log record per step; a checkpoint every 10 steps."""
+    seq_len, micro, batch = 64, 4, 512
+    return {
+        "model": model,
+        "data": {"tokens": str(tokens), "seq_len": seq_len, "micro_batch_size": micro, "global_batch_tokens": batch},
+        "sampler": {"kind": "dynamic", "preset": "uniform", "rule": "sheared-code", "eta": 1.0,
+                    "reweight_every_tokens": 5 * batch, "reference_losses": "measure"},
+        "optim": {"lr": 3e-3, "warmup_steps": 5},
+        "train": {"max_steps": steps, "log_every": 1, "checkpoint_every": 10, "eval_batches": 2, "seed": 0},
+    }
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -90,7 +90,8 @@ class Trainer:
         self.eval_sequences = {dom: torch.from_numpy(self.tokens.eval_sequences(dom, d.seq_len, max_sequences=n_eval))
                                for dom in self.tokens.domains}
         self.resume_from = None
-        self.stream = DomainStream(self.tokens, self.sampler_cfg, seq_len=d.seq_len, seed=t.seed,
+        # the data order follows sampler.seed; train.seed drives initialisation and gate noise
+        self.stream = DomainStream(self.tokens, self.sampler_cfg, seq_len=d.seq_len, seed=None,
                                    rank=ctx.rank, world_size=ctx.world_size, num_workers=t.dataloader_workers)
 
     # ------------------------------------------------------------------------------------- setup
@@ -137,6 +138,13 @@ class Trainer:
         checkpoint = found[0] if found else None
         seed_everything(t.seed)                 # the same initial weights on every rank
         model, self.model_cfg = self.build_model(checkpoint)
+        if self.tokens.vocab_size > self.model_cfg.vocab_size:
+            raise CurateError(f"data.tokens {cfg.data.tokens} was tokenized with a vocabulary of "
+                              f"{self.tokens.vocab_size}, larger than the model's {self.model_cfg.vocab_size}: "
+                              "tokenize with the model's own tokenizer")
+        if cfg.data.seq_len > self.model_cfg.max_seq_len:
+            raise CurateError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len "
+                              f"{self.model_cfg.max_seq_len}")
         self.raw_model = model.to(ctx.device)
         blocks = model.layers
         if t.activation_checkpointing:
