@@ -316,6 +316,7 @@ def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np
         p_ad = np.asarray(scores["ad_score"], dtype=np.float64)
         if a.drop_fraction is not None:
             res = domain_thresholds(np.where(alive, p_ad, np.nan), dom, a.drop_fraction, inclusive=True)
+            _check_sampled("ads", a.drop_fraction, res)
             thresholds = {**a.thresholds, **res.thresholds}
             out.ads = dataclasses.replace(a, threshold=a.threshold if res.default is None else res.default,
                                           thresholds=thresholds, drop_fraction=None,
@@ -329,6 +330,7 @@ def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np
         dis = np.asarray(scores["disfluency_score"], dtype=np.float64) if d.fluency_model else None
         if ppl is None:      # classifier only: calibrate its threshold
             res = domain_thresholds(np.where(alive, dis, np.nan), dom, d.drop_fraction, inclusive=True)
+            _check_sampled("disfluency", d.drop_fraction, res)
             out.disfluency = dataclasses.replace(
                 d, fluency_threshold=_merge(d.fluency_threshold, res), drop_fraction=None,
                 calibrated=res.record(d.drop_fraction))
@@ -339,10 +341,22 @@ def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np
             res = domain_thresholds(np.where(alive, ppl, np.nan), dom, d.drop_fraction, inclusive=False,
                                     forced=other if d.combine == "either" else None,
                                     eligible=other if d.combine == "both" else None)
+            _check_sampled("disfluency", d.drop_fraction, res)
             out.disfluency = dataclasses.replace(
                 d, max_perplexity=_merge(d.max_perplexity, res), drop_fraction=None,
                 calibrated=res.record(d.drop_fraction))
     return out
+
+
+def _check_sampled(section: str, fraction: PerDomain, res) -> None:
+    if isinstance(fraction, dict):
+        missing = sorted(set(fraction) - set(res.thresholds))
+        if missing:
+            raise CurateError(f"{section}.drop_fraction names {', '.join(missing)}, but the calibration sample has "
+                              f"no scored document of that domain: raise calibration.max_shards / max_docs, "
+                              f"or leave the domain out")
+    elif not res.thresholds:
+        raise CurateError(f"{section}.drop_fraction: the calibration sample has no document this filter scores")
 
 
 def _merge(old: PerDomain | None, res) -> dict[str, float]:

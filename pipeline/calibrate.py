@@ -1,0 +1,145 @@
+"""Calibrate `drop_fraction` settings on a sample of the input, before `curate filter` runs.
+
+    cfg = resolve(cfg, shards, dataset, client, cache=out_dir / "calibration.json")
+
+Picks up to `calibration.max_shards` shards evenly spaced over the sorted input list, reads the
+first documents of each (up to `calibration.max_docs` in all), scores them on the Dask workers with
+the same filter chain the run uses, and turns each `drop_fraction` into per-domain thresholds
+(`filters.config.calibrate_config`). The result is a config with concrete thresholds: it is what
+the run hashes, records in its manifest and applies. With `cache`, the thresholds are stored there
+and reused while the config, the sampled shards and the model files are unchanged, so a resumed
+run does not calibrate again (and could not drift if it did: the sample is deterministic).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from filters.config import FilterConfig, calibrate_config, parse_filter_config
+from filters.errors import CurateError
+from pipeline.domains import DatasetManifest
+from pipeline.readers import Shard, ShardReadError, read_shard
+from pipeline.stages import worker_chain
+from pipeline.writers import write_atomic
+
+
+def check_domains(cfg: FilterConfig, dataset: DatasetManifest) -> None:
+    """A domain name in the config that the dataset does not have is a typo: refuse it."""
+    unknown = sorted(cfg.domains_named() - set(dataset.domains))
+    if unknown:
+        where = cfg.source or "filter config"
+        raise CurateError(f"{where}: unknown domain(s) {', '.join(unknown)}; the dataset's domains are "
+                          f"{', '.join(dataset.domains)}")
+
+
+def sample_shards(shards: list[Shard], max_shards: int) -> list[Shard]:
+    if len(shards) <= max_shards:
+        return list(shards)
+    picks = np.unique(np.linspace(0, len(shards) - 1, max_shards).round().astype(int))
+    return [shards[i] for i in picks]
+
+
+def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int) -> dict:
+    """Runs on a worker: the first `limit` documents of a shard, their domains and every score the
+    chain's models give (NaN where a model does not score a document). Documents the rule-based
+    filters (length) reject are left out: the models never see them in the run either."""
+    texts, domains = [], []
+    try:
+        for rec in read_shard(shard, dataset):
+            if rec.malformed is None:
+                texts.append(rec.text)
+                domains.append(rec.domain)
+                if len(texts) >= limit:
+                    break
+    except ShardReadError:
+        pass            # a broken shard still gives the documents read before the break
+    chain = worker_chain(cfg, "calibration-" + cfg.config_hash())
+    alive = np.arange(len(texts))
+    for f in chain:
+        if not hasattr(f, "score"):         # a rule, not a model: apply it
+            keep = np.asarray(f.filter([texts[i] for i in alive], [domains[i] for i in alive]).keep, bool)
+            alive = alive[keep]
+    scores: dict[str, np.ndarray] = {}
+    for f in chain:
+        if hasattr(f, "score"):
+            cols = {c: np.full(alive.size, np.nan) for c in f.columns}
+            for start in range(0, alive.size, cfg.batch_size):
+                idx = alive[start:start + cfg.batch_size]
+                part = f.score([texts[i] for i in idx], [domains[i] for i in idx])
+                for c, v in part.items():
+                    cols[c][start:start + idx.size] = v
+            scores.update(cols)
+    return {"domains": [domains[i] for i in alive], "scores": scores}
+
+
+def _cache_key(cfg: FilterConfig, picked: list[Shard], per_shard: int) -> str:
+    models = []
+    for sec, attrs in ((cfg.ads, ("model",)), (cfg.disfluency, ("kenlm", "fluency_model"))):
+        for a in attrs:
+            path = getattr(sec, a, None) if sec is not None else None
+            if path:
+                st = cfg.model_path(path).stat()
+                models.append([str(cfg.model_path(path)), st.st_size, st.st_mtime_ns])
+    key = {"config": cfg.to_dict(), "shards": [[s.url, s.size] for s in picked], "per_shard": per_shard,
+           "models": models}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _summary(before: FilterConfig, after: FilterConfig) -> str:
+    lines = []
+    for name in ("ads", "disfluency"):
+        old, new = getattr(before, name), getattr(after, name)
+        if old is None or old.drop_fraction is None:
+            continue
+        rec = new.calibrated
+        value = new.thresholds if name == "ads" else (new.max_perplexity if new.kenlm else new.fluency_threshold)
+        parts = []
+        for d, t in sorted(value.items()):
+            n = rec["sample_docs"].get(d)
+            share = f" drops {rec['sample_removed'][d]}/{n}" if n else ""
+            parts.append(f"{d} {t:.6g}{share}")
+        if name == "ads" and rec["drop_fraction"] is not None and not isinstance(rec["drop_fraction"], dict):
+            parts.append(f"other domains {new.threshold:.6g}")
+        what = "p(ad) >=" if name == "ads" else ("perplexity >" if new.kenlm else "p(disfluent) >=")
+        lines.append(f"calibrated {name} (drop_fraction {rec['drop_fraction']}), removes {what}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, client,
+            cache: str | Path | None = None) -> FilterConfig:
+    """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none)."""
+    check_domains(cfg, dataset)
+    if not cfg.needs_calibration():
+        return cfg
+    picked = sample_shards(shards, cfg.calibration.max_shards)
+    per_shard = max(1, math.ceil(cfg.calibration.max_docs / len(picked)))
+    key = _cache_key(cfg, picked, per_shard)
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            resolved = parse_filter_config(stored["config"], where=str(cache))
+            resolved.source = cfg.source
+            print(f"calibration: reusing the thresholds in {cache}", file=sys.stderr)
+            return resolved
+
+    futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard,
+                         key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
+    parts = client.gather(futures)
+    domains = [d for p in parts for d in p["domains"]]
+    if not domains:
+        raise CurateError(f"calibration found no documents in the {len(picked)} sampled shard(s) "
+                          f"(all malformed or too short?): cannot turn drop_fraction into thresholds")
+    columns = parts[0]["scores"].keys()
+    scores = {c: np.concatenate([p["scores"][c] for p in parts]) for c in columns}
+    resolved = calibrate_config(cfg, domains, scores)
+    print(f"calibration: scored {len(domains)} documents from {len(picked)} shard(s)\n"
+          + _summary(cfg, resolved), file=sys.stderr)
+    if cache is not None:
+        write_atomic(cache, json.dumps({"key": key, "config": resolved.to_dict()}, indent=1).encode())
+    return resolved
