@@ -19,6 +19,7 @@ from pathlib import Path
 
 from filters.config import FilterConfig, build_filters, load_filter_config
 from filters.errors import CurateError
+from pipeline import calibrate
 from pipeline.cluster import dask_client
 from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
@@ -58,17 +59,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if m["failed"] else 0
 
 
-def _calibrate(cfg: FilterConfig, shards: list[Shard], client) -> FilterConfig:
-    """Where threshold calibration plugs in.
-
-    Called with the validated config, the shards and the connected Dask client, before the config
-    hash is computed, so calibrated thresholds become part of the hash (and of the manifest).
-    A calibration step may score a sample of `shards` on `client` and return a config with
-    per-domain thresholds filled in. Without one, the config runs as given.
-    """
-    return cfg
-
-
 def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest) -> str:
     """What decides a shard's output: filter settings, model contents, how lines are parsed."""
     key = {"version": OUTPUT_VERSION, "filters": cfg.to_dict(), "models": models,
@@ -105,7 +95,9 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
     remove_temporaries(out_dir)
 
     with dask_client(workers=workers, scheduler=scheduler) as client:
-        cfg = _calibrate(cfg, shards, client)
+        # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
+        # so the manifest and a re-run see the same thresholds (cached beside the output)
+        cfg = calibrate.resolve(cfg, shards, ds, client, cache=out_dir / "calibration.json")
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]
         models = model_hashes(descriptions)

@@ -1,0 +1,153 @@
+"""`curate demo`: the whole chain on the embedded sample, as the commands a user would type.
+
+sample -> train the ad / fluency classifiers and the KenLM model -> filter (per-domain calibrated)
+-> tokenize (a small BPE trained on the kept text) -> convert a small random LLaMA into an MoE
+-> train with a dynamic domain sampler -> curves.
+
+Every stage is a real `curate` sub-command run in-process, printed before it runs, so the demo
+doubles as a worked example. Re-running reuses finished stages: the classifier and LM files are
+kept when present, and `filter` / `tokenize` skip shards they have already done.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import yaml
+
+from filters.errors import CurateError
+
+# Small enough for 2 CPU cores in a few minutes, large enough that the loss falls clearly and
+# the dynamic sampler re-weights several times.
+DEMO_MODEL = {
+    "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 512, "num_layers": 2,
+    "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 256,
+}
+DEMO_STEPS = 60
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument("--workers", type=int, default=2, help="Dask worker processes for filter/tokenize")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _curate(*args) -> None:
+    """Run one `curate` sub-command in-process; stop the demo if it fails."""
+    from pipeline.cli import main
+
+    argv = [str(a) for a in args]
+    print(f"\n$ curate {shlex.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    rc = main(argv)
+    if rc != 0:
+        raise CurateError(f"demo stage `curate {argv[0]}` failed (exit {rc}); see the messages above")
+    print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def filter_config() -> dict:
+    """The demo's filter config: paths are relative to the YAML file (DIR/filters.yaml)."""
+    return {
+        "ads": {"model": "models/ads.bin", "threshold": 0.5},
+        "disfluency": {
+            "kenlm": "models/lm.bin",
+            # cc_net-style per-domain calibration: drop the 10% least fluent of each domain by
+            # perplexity; the fluency classifier removes the rest of the planted word salad.
+            "drop_fraction": 0.10,
+            "fluency_model": "models/fluency.bin",
+            "fluency_threshold": 0.5,
+        },
+    }
+
+
+def train_config(out: Path, steps: int) -> dict:
+    """The trainer's CPU-sized demo run on the converted MoE: DynamicUniform with the sheared-code
+    rule, references measured on the starting model, several re-weightings."""
+    from trainer.config import demo_train_config
+
+    return demo_train_config(tokens=out / "tokens", model={"path": str(out / "moe")}, steps=steps)
+
+
+def run(args) -> int:
+    out = Path(args.out).resolve()
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    sample = out / "sample"
+    if not (sample / "sample.json").exists():
+        _curate("sample", sample, "--seed", args.seed)
+    for task, labels in (("ads", "ads.jsonl"), ("fluency", "fluency.jsonl")):
+        if not (models / f"{task}.bin").exists():
+            _curate("train-classifier", "--task", task, "--data", sample / "labels" / labels,
+                    "--out", models / f"{task}.bin")
+    if not (models / "lm.bin").exists():
+        _curate("train-lm", "--text", sample / "lm.txt", "--order", 4, "--out", models / "lm.bin")
+
+    _write_yaml(out / "filters.yaml", filter_config())
+    _curate("filter", sample / "train", "--out", out / "filtered", "--config", out / "filters.yaml",
+            "--workers", args.workers)
+    _curate("manifest", out / "filtered")
+
+    _curate("tokenize", out / "filtered", "--tokenizer", f"train:{DEMO_MODEL['vocab_size']}",
+            "--out", out / "tokens", "--workers", args.workers)
+
+    _write_yaml(out / "dense.yaml", DEMO_MODEL)
+    if not (out / "moe" / "config.json").exists():
+        _curate("convert", "--dense", out / "dense.yaml", "--out", out / "moe", "--experts", 4,
+                "--top-k", 2, "--method", "independent-random", "--gate", "linear", "--gate-init", "random")
+
+    _write_yaml(out / "train.yaml", train_config(out, args.steps))
+    run_dir = out / "run"
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        _curate("train", "--config", out / "train.yaml", "--out", run_dir, "--resume")
+    else:
+        _curate("train", "--config", out / "train.yaml", "--out", run_dir)
+    _curate("curves", run_dir, "--out", out / "curves.png")
+
+    _print_summary(out, time.perf_counter() - t_start)
+    return 0
+
+
+def _print_summary(out: Path, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fm = json.loads((out / "filtered" / "manifest.json").read_text())
+    tm = json.loads((out / "tokens" / "manifest.json").read_text())
+    totals = fm["totals"]
+    metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    weights = [json.loads(x) for x in (out / "run" / "domain_weights.jsonl").read_text().splitlines() if x.strip()]
+
+    table = Table(title="curate demo: what happened", show_lines=False)
+    for col in ("domain", "docs in", "kept", "ads", "disfluency", "other", "train tokens", "weight start", "weight end"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    by_dom = totals.get("by_domain", {})
+    tok_dom = tm.get("domains", {})
+    w0, w1 = weights[0]["weights"], weights[-1]["weights"]
+    for dom in sorted(set(by_dom) | set(w0)):
+        d = by_dom.get(dom, {})
+        removed = d.get("removed", {})
+        other = sum(v for k, v in removed.items() if k not in ("ads", "disfluency")) + d.get("malformed", 0)
+        t = tok_dom.get(dom, {})
+        table.add_row(dom, str(d.get("docs_in", 0)), str(d.get("kept", 0)), str(removed.get("ads", 0)),
+                      str(removed.get("disfluency", 0)), str(other), f"{t.get('train_tokens', 0):,}",
+                      f"{w0.get(dom, 0):.3f}", f"{w1.get(dom, 0):.3f}")
+    console = Console()
+    console.print(table)
+    k = max(1, len(metrics) // 5)
+    first = sum(m["loss"] for m in metrics[:k]) / k
+    last = sum(m["loss"] for m in metrics[-k:]) / k
+    console.print(f"training loss {first:.3f} -> {last:.3f} over {metrics[-1]['step']} steps; "
+                  f"{len(weights)} domain-weight records; curves: {out / 'curves.png'}")
+    console.print(f"demo finished in {seconds:.0f} s; outputs in {out}")
+
