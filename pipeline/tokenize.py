@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from filters.errors import CurateError
-from pipeline.writers import temporary_path, write_atomic
+from pipeline.writers import remove_temporaries, temporary_path, write_atomic
 
 FORMAT_VERSION = 1
 DEFAULT_EVAL_TOKENS = 65536
@@ -207,6 +207,9 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
     inputs = find_inputs(src)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    stale = remove_temporaries(out)     # left by a run that was killed mid-write
+    if stale:
+        log(f"tokenize: removed {stale} temporary file(s) of an interrupted run")
 
     vocab = parse_train_spec(tokenizer)
     tok = _trained_tokenizer(inputs, vocab, out, log) if vocab else _load_and_save(tokenizer, out, log)
