@@ -1,0 +1,121 @@
+"""Calibration math and config: per-domain thresholds that remove the requested fraction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from filters.calibrate import domain_thresholds, per_domain, removes, threshold_for_count
+from filters.config import calibrate_config, parse_filter_config
+from filters.errors import CurateError
+
+DOMAINS = ["CommonCrawl", "C4", "GitHub", "Wikipedia", "Books", "ArXiv", "StackExchange"]
+
+
+def _random_sample(seed: int, n: int = 3000):
+    rng = np.random.default_rng(seed)
+    doms = rng.choice(DOMAINS, size=n, p=[0.4, 0.3, 0.1, 0.08, 0.06, 0.04, 0.02])
+    # per-domain score distributions differ, as perplexity does between Books and GitHub
+    shift = {d: i for i, d in enumerate(DOMAINS)}
+    scores = np.array([rng.gamma(2.0, 50.0 * (1 + shift[d])) for d in doms])
+    return scores, doms
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_every_domain_hits_the_fraction_within_one_document(seed, inclusive):
+    scores, doms = _random_sample(seed)
+    fraction = [0.5, 0.15, 0.03, 0.9][seed % 4]
+    res = domain_thresholds(scores, doms, fraction, inclusive=inclusive)
+    for d in DOMAINS:
+        mask = doms == d
+        n = int(mask.sum())
+        removed = int(removes(scores[mask], res.thresholds[d], inclusive).sum())
+        assert abs(removed - fraction * n) <= 1, (d, removed, n, fraction)
+        assert res.removed[d] == removed and res.docs[d] == n
+    pooled = int(removes(scores, res.default, inclusive).sum())
+    assert abs(pooled - fraction * scores.size) <= 1
+
+
+def test_per_domain_mapping_and_edge_fractions():
+    scores, doms = _random_sample(7)
+    res = domain_thresholds(scores, doms, {"C4": 0.0, "Books": 1.0, "GitHub": 0.25}, inclusive=False)
+    assert set(res.thresholds) == {"C4", "Books", "GitHub"} and res.default is None
+    assert not removes(scores[doms == "C4"], res.thresholds["C4"], False).any()
+    assert removes(scores[doms == "Books"], res.thresholds["Books"], False).all()
+    g = scores[doms == "GitHub"]
+    assert abs(removes(g, res.thresholds["GitHub"], False).sum() - 0.25 * g.size) <= 1
+
+
+def test_threshold_sits_between_scores_and_ties_resolve_to_the_nearest_count():
+    x = np.array([0.1, 0.2, 0.3, 0.4])
+    t = threshold_for_count(x, 2, inclusive=True)
+    assert 0.2 < t < 0.3
+    # five documents share the boundary score: removing 3 of them is impossible, pick 0 or 5 extra
+    tied = np.array([1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 3.0, 9.0])
+    for k, expect in ((2, 1), (4, 6), (6, 6)):
+        t = threshold_for_count(tied, k, inclusive=False)
+        assert removes(tied, t, False).sum() == expect
+    assert removes(np.array([0.7]), threshold_for_count(np.array([0.7]), 0, True), True).sum() == 0
+
+
+def test_nan_scores_are_not_counted():
+    scores = np.array([np.nan, 1.0, 2.0, 3.0, np.nan, 4.0])
+    res = domain_thresholds(scores, ["C4"] * 6, 0.5, inclusive=False)
+    assert res.docs["C4"] == 4 and res.removed["C4"] == 2
+
+
+def test_either_and_both_combinations_count_the_other_rule():
+    rng = np.random.default_rng(3)
+    n = 1000
+    ppl = rng.gamma(2.0, 100.0, n)
+    clf = rng.random(n) < 0.1                      # the fluency classifier flags 10%
+    doms = np.array(["C4"] * n)
+    either = domain_thresholds(ppl, doms, 0.15, inclusive=False, forced=clf)
+    removed = clf | removes(ppl, either.thresholds["C4"], False)
+    assert abs(removed.sum() - 150) <= 1
+    both = domain_thresholds(ppl, doms, 0.05, inclusive=False, eligible=clf)
+    removed = clf & removes(ppl, both.thresholds["C4"], False)
+    assert abs(removed.sum() - 50) <= 1
+
+
+def test_per_domain_values():
+    doms = ["C4", "Books", "GitHub"]
+    np.testing.assert_array_equal(per_domain(doms, 0.5, {"C4": 0.9}), [0.9, 0.5, 0.5])
+    out = per_domain(doms, {"Books": 100.0, "default": 50.0})
+    np.testing.assert_array_equal(out, [50.0, 100.0, 50.0])
+    assert np.isnan(per_domain(doms, {"Books": 100.0})[[0, 2]]).all()
+
+
+def test_calibrate_config_runs_the_chain_in_order():
+    rng = np.random.default_rng(11)
+    n = 4000
+    doms = rng.choice(["C4", "CommonCrawl", "Books"], size=n)
+    p_ad = rng.beta(0.5, 0.5, n)
+    ppl = rng.gamma(2.0, 80.0, n)
+    dis = rng.random(n)
+    cfg = parse_filter_config({
+        "ads": {"model": "ads.bin", "drop_fraction": {"C4": 0.5, "CommonCrawl": 0.4}, "thresholds": {"Books": 0.8}},
+        "disfluency": {"kenlm": "lm.bin", "fluency_model": "fl.bin", "fluency_threshold": 0.95,
+                       "drop_fraction": 0.15}})
+    out = calibrate_config(cfg, list(doms), {"ad_score": p_ad, "perplexity": ppl, "disfluency_score": dis})
+    assert out.ads.drop_fraction is None and out.disfluency.drop_fraction is None
+    assert out.ads.thresholds["Books"] == 0.8 and out.ads.threshold == 0.5     # untouched settings stay
+    ad_t = per_domain(doms, out.ads.threshold, out.ads.thresholds)
+    ad_removed = removes(p_ad, ad_t, True)
+    for d, f in (("C4", 0.5), ("CommonCrawl", 0.4)):
+        m = doms == d
+        assert abs(ad_removed[m].sum() - f * m.sum()) <= 1
+    alive = ~ad_removed
+    dis_removed = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False) | (dis >= 0.95)
+    for d in ("C4", "CommonCrawl", "Books"):
+        m = alive & (doms == d)      # the fraction is of the documents the ads filter kept
+        assert abs(dis_removed[m].sum() - 0.15 * m.sum()) <= 1
+    assert "default" in out.disfluency.max_perplexity
+    assert out.disfluency.calibrated["drop_fraction"] == 0.15
+    assert out.config_hash() != cfg.config_hash()
+
+
+def test_calibration_refuses_a_domain_missing_from_the_sample():
+    cfg = parse_filter_config({"ads": {"model": "ads.bin", "drop_fraction": {"ArXiv": 0.5}}})
+    with pytest.raises(CurateError, match="ArXiv"):
+        calibrate_config(cfg, ["C4", "C4"], {"ad_score": np.array([0.1, 0.9])})
