@@ -147,7 +147,7 @@ def main() -> int:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     r1, r2 = runs[1], runs[2]
-    s0, s2 = samp[0], samp[2]
+    s0 = samp[0]
     lines = [
         "# Tokenization and sampling throughput (`benchmarks/tokenize_sampling.py`)", "",
         f"Date: {now}. Corpus: {'the real RedPajama sample' if src == REAL_SAMPLE else 'curate sample output'} "

@@ -113,7 +113,7 @@ def _encode_shard(job: ShardJob) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tok = _worker_tokenizer(job.tokenizer_json)
+    tok = _worker_tokenizer(job.tokenizer_json, job.config_hash)
     dtype = np.dtype(job.dtype)
     head = [job.bos_id] if job.bos_id is not None else []
     pf = pq.ParquetFile(job.parquet)
@@ -157,16 +157,18 @@ def _encode_shard(job: ShardJob) -> dict:
     return {"docs": len(lengths), "tokens": int(offsets[-1])}
 
 
-def _worker_tokenizer(path: str):
-    """The tokenizer, loaded once per worker process (cc_net-style lazy loading)."""
-    cached = _TOKENIZERS.get(path)
+def _worker_tokenizer(path: str, config_hash: str):
+    """The tokenizer, loaded once per worker process (cc_net-style lazy loading). Keyed by the config
+    hash too: a long-lived worker of an external cluster may see a TOKDIR re-run with another tokenizer."""
+    key = (path, config_hash)
+    cached = _TOKENIZERS.get(key)
     if cached is None:
         from tokenizers import Tokenizer
-        cached = _TOKENIZERS[path] = Tokenizer.from_file(path)
+        cached = _TOKENIZERS[key] = Tokenizer.from_file(path)
     return cached
 
 
-_TOKENIZERS: dict = {}   # per-process cache: a worker loads each TOKDIR's tokenizer.json once
+_TOKENIZERS: dict = {}   # per-process cache: (tokenizer.json, config hash) -> Tokenizer
 
 
 def doc_key(doc_id: str) -> int:
@@ -238,6 +240,8 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
     start = time.perf_counter()
     encode_seconds = None
     if jobs:
+        # manifest.json marks a complete output: a reader must not pair an old one with new shards
+        (out / "manifest.json").unlink(missing_ok=True)
         done, encode_seconds = _run_jobs(jobs, workers, scheduler, quiet, log)
         markers.update(done)
     seconds = time.perf_counter() - start
@@ -418,7 +422,7 @@ def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: 
             "train_docs": sum(e["train_docs"] for e in entries), "train_tokens": sum(e["train_tokens"] for e in entries),
             "eval_docs": len(held), "eval_tokens": int(eval_offsets[-1]), "eval_split": split,
             "train_segments": f"train/{domain}.segments.npy", "eval_file": f"eval/{domain}.bin",
-            "eval_doc_ids": f"eval/{domain}.ids.json", "shards": entries}
+            "eval_ids_file": f"eval/{domain}.ids.json", "shards": entries}
 
 
 def _domain_order(domains: list[str]) -> list[str]:

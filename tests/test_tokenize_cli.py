@@ -78,7 +78,7 @@ def check_layout(tokdir: Path, docs: dict[str, list[dict]], encode) -> dict:
         assert info["tokens"] == sum(e["tokens"] for e in info["shards"]) == sum(len(a) for a in encoded.values())
         assert info["train_tokens"] == tokens.train_tokens(domain)
         assert info["train_tokens"] + info["eval_tokens"] == info["tokens"]
-        eval_ids = json.loads((tokdir / info["eval_doc_ids"]).read_text())
+        eval_ids = json.loads((tokdir / info["eval_ids_file"]).read_text())
         if info["eval_split"] == "documents":
             # held out = the documents with the smallest id hashes; the training stream is every
             # other document in input order, and no held-out id is in it
@@ -237,7 +237,7 @@ def test_single_document_domain_holds_out_its_tail(sample_dir, tmp_path):
     # training stream = the head, evaluation stream = the tail, nothing in both
     assert np.array_equal(tokens.train_window("Books", 0, books["train_tokens"]), whole[:books["train_tokens"]])
     assert np.array_equal(np.fromfile(tokdir / books["eval_file"], dtype=m["dtype"]), whole[books["train_tokens"]:])
-    assert json.loads((tokdir / books["eval_doc_ids"]).read_text()) == [docs["Books"][0]["id"]]
+    assert json.loads((tokdir / books["eval_ids_file"]).read_text()) == [docs["Books"][0]["id"]]
     assert m["domains"]["C4"]["eval_docs"] == 3
 
 
