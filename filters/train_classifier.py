@@ -27,9 +27,12 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import multiprocessing
 import os
+import shutil
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -118,15 +121,19 @@ def _read_fasttext(path: Path) -> tuple[list, list]:
             if len(tags) > 1 and words[1].startswith(PREFIX):
                 raise CurateError(f"{path}:{n}: more than one label ({' '.join(tags[:3])}); one label per example")
             labels.append(words[0][len(PREFIX):])
-            texts.append(line.split(None, 1)[1] if len(words) > 1 else "")
+            texts.append(line.split(None, 1)[1].rstrip("\r\n") if len(words) > 1 else "")
     return texts, labels
 
 
 def _csv_columns(path: Path, sep: str) -> list[str]:
     with path.open(encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f, delimiter=sep), None)
+        rows = csv.reader(f, delimiter=sep)
+        header = next(rows, None)
+        first = next((r for r in rows if any(c.strip() for c in r)), None)
     if not header:
         raise CurateError(f"{path} is empty: a CSV/TSV file needs a header row and examples")
+    if first is None:
+        raise CurateError(f"labelled data file {path} holds no examples (only a header row)")
     return header
 
 
@@ -229,7 +236,9 @@ def canonical_labels(labels: list[str], task: str, where: str) -> list[str]:
 # ----------------------------------------------------------------------------- training
 def _holdout(texts: list[str]) -> np.ndarray:
     """True for the deterministic tenth held out for validation."""
-    return np.array([int.from_bytes(hashlib.sha1(t.encode()).digest()[:4], "little") % 10 == 0 for t in texts])
+    # hash the words only: fastText ignores how they are spaced, so should the split
+    return np.array([int.from_bytes(hashlib.sha1(" ".join(t.split()).encode()).digest()[:4], "little") % 10 == 0
+                     for t in texts])
 
 
 def _write_fasttext(path: Path, texts: list[str], labels: list[str]) -> None:
@@ -265,16 +274,44 @@ def format_report(m: dict, positive: str, negative: str) -> str:
         "  confusion matrix:", *table])
 
 
-def _fit(train_file: Path, params: dict, threads: int, seed: int):
+def _train_in_child(train_file: str, kwargs: dict, quantize: bool, out_file: str) -> dict | None:
+    """Runs in a fresh process: train (and quantize), save to out_file; the effective settings,
+    or None when training diverged ("Encountered NaN")."""
     import fasttext
 
-    return fasttext.train_supervised(input=str(train_file), thread=threads, seed=seed, verbose=0, **params)
-
-
-def _tuned_params(model) -> dict:
+    try:
+        model = fasttext.train_supervised(input=train_file, verbose=0, **kwargs)
+        if quantize:
+            model.quantize(input=train_file, retrain=True, qnorm=True, thread=kwargs.get("thread", 1), verbose=0)
+    except RuntimeError as e:
+        if "NaN" in str(e):
+            return None
+        raise
+    model.save_model(out_file)
     a = model.f.getArgs()
     return {"lr": a.lr, "epoch": a.epoch, "wordNgrams": a.wordNgrams, "dim": a.dim, "minCount": a.minCount,
             "bucket": a.bucket, "minn": a.minn, "maxn": a.maxn, "loss": a.loss.name}
+
+
+def _fit(train_file: Path, kwargs: dict, quantize: bool, out_file: Path) -> dict:
+    """Train into out_file; returns the settings used.
+
+    Each training runs in a freshly spawned process: fasttext-numpy2 occasionally produces NaN
+    ("Encountered NaN") when a process trains a second model after freeing the first, but never
+    in a fresh process. A run that still diverges is retried with another seed, then with a
+    smaller learning rate."""
+    ctx = multiprocessing.get_context("spawn")
+    lr, seed = kwargs.get("lr"), kwargs.get("seed", 0)
+    attempts = [{}, {"seed": seed + 1}] + ([{"lr": lr / 2, "seed": seed + 2}, {"lr": lr / 4, "seed": seed + 3}]
+                                           if lr is not None else [])
+    for i, change in enumerate(attempts):
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            used = pool.submit(_train_in_child, str(train_file), {**kwargs, **change}, quantize, str(out_file)).result()
+        if used is not None:
+            return used
+        if i + 1 < len(attempts):
+            print(f"fastText training diverged (NaN); retrying with {attempts[i + 1]}")
+    raise CurateError("fastText training diverged (NaN) on every attempt: check the data, or lower --lr")
 
 
 def train_classifier(task: str, data: str | Path, out: str | Path, valid: str | Path | None = None,
@@ -316,31 +353,29 @@ def train_classifier(task: str, data: str | Path, out: str | Path, valid: str | 
 
     with tempfile.TemporaryDirectory(prefix="curate-fasttext-") as tmp:
         train_file, valid_file, all_file = Path(tmp, "train.txt"), Path(tmp, "valid.txt"), Path(tmp, "all.txt")
+        model_file = Path(tmp, "model.bin")
         _write_fasttext(train_file, tr_t, tr_l)
         _write_fasttext(valid_file, vtexts, vlabels)
+        common = {"thread": threads, "seed": seed}
         if autotune:
             print(f"autotune: searching for {autotune_duration} s (F1 of {positive} on the validation data)")
-            model = fasttext.train_supervised(
-                input=str(train_file), autotuneValidationFile=str(valid_file), autotuneDuration=autotune_duration,
-                autotuneMetric=f"f1:{PREFIX}{positive}", thread=threads, seed=seed, verbose=0)
-            params = _tuned_params(model)
+            params = _fit(train_file, {**common, "autotuneValidationFile": str(valid_file),
+                                       "autotuneDuration": autotune_duration,
+                                       "autotuneMetric": f"f1:{PREFIX}{positive}"}, quantize, model_file)
             print("autotune chose " + " ".join(f"{k}={v}" for k, v in params.items()))
         else:
-            model = _fit(train_file, params, threads, seed)
-        metrics = evaluate(model, vtexts, vlabels, positive, threshold)
+            params = _fit(train_file, {**common, **params}, quantize, model_file)
+        metrics = evaluate(fasttext.load_model(str(model_file)), vtexts, vlabels, positive, threshold)
         print("validation" + (f" ({valid})" if valid else " (held-out tenth)") + ":")
         print(format_report(metrics, positive, negative))
         if refit and valid is None:
             _write_fasttext(all_file, texts, labels)
-            model = _fit(all_file, params, threads, seed)
+            params = _fit(all_file, {**common, **params}, quantize, model_file)
             print(f"refitted on all {len(texts)} examples")
-        if quantize:
-            model.quantize(input=str(all_file if refit and valid is None else train_file), retrain=True,
-                           qnorm=True, thread=threads, verbose=0)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            model.save_model(str(tmp_out))
+            shutil.copyfile(model_file, tmp_out)
             os.replace(tmp_out, out)
         finally:
             tmp_out.unlink(missing_ok=True)

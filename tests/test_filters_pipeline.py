@@ -1,0 +1,120 @@
+"""The filters inside `curate filter`: calibrated drop fractions per domain, score columns in the
+output, and broken models refused at start-up before any shard is read."""
+from __future__ import annotations
+
+import glob
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import curate
+
+SMALL = ("--bucket", "100000", "--threads", "1", "--epoch", "10")
+
+
+@pytest.fixture(scope="module")
+def model_dir(sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline-models")
+    for task in ("ads", "fluency"):
+        curate("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
+               "--out", out / f"{task}.bin", *SMALL)
+    curate("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
+    return out
+
+
+def _write_config(path, cfg: dict):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _manifest(out) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_drop_fractions_are_hit_per_domain_and_recorded(model_dir, sample_dir):
+    fractions = {"C4": 0.3, "CommonCrawl": 0.5}
+    config = _write_config(model_dir / "filters.yaml", {
+        "ads": {"model": "ads.bin", "drop_fraction": fractions},        # relative to the YAML file
+        "disfluency": {"kenlm": "lm.bin", "fluency_model": "fluency.bin", "fluency_threshold": 0.9,
+                       "drop_fraction": 0.15}})
+    out = model_dir / "filtered"
+    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")
+    m = _manifest(out)
+    by_domain = m["totals"]["by_domain"]
+    for d, t in by_domain.items():
+        ads = t["removed"].get("ads", 0)
+        reach_ads = t["docs_in"] - t["malformed"] - t["removed"].get("length", 0)
+        if d in fractions:
+            assert abs(ads - fractions[d] * reach_ads) <= 1, (d, t)
+        reach_dis = reach_ads - ads
+        # the sample is small enough to be calibrated on whole, so the run removes exactly that
+        assert abs(t["removed"].get("disfluency", 0) - 0.15 * reach_dis) <= 1, (d, t)
+    ads_cfg, dis_cfg = m["config"]["ads"], m["config"]["disfluency"]
+    assert ads_cfg["drop_fraction"] is None and set(fractions) <= set(ads_cfg["thresholds"])
+    assert ads_cfg["calibrated"]["drop_fraction"] == fractions
+    assert dis_cfg["drop_fraction"] is None and "default" in dis_cfg["max_perplexity"]
+    assert "calibrated" in proc.stderr
+
+    # score columns: kept documents respect the thresholds written in the manifest
+    for f in glob.glob(str(out / "kept" / "*" / "*.parquet")):
+        t = pq.read_table(f).to_pandas()
+        assert t["ad_score"].notna().all() and t["perplexity"].notna().all() and t["disfluency_score"].notna().all()
+        for d, g in t.groupby("domain"):
+            assert (g["ad_score"] < ads_cfg["thresholds"].get(d, ads_cfg["threshold"])).all()
+            limit = dis_cfg["max_perplexity"].get(d, dis_cfg["max_perplexity"]["default"])
+            assert (g["perplexity"] <= limit).all() and (g["disfluency_score"] < 0.9).all()
+    rejected = pq.read_table(out / "rejected").to_pandas() if (out / "rejected").is_dir() else None
+    assert rejected is not None and set(rejected["reason"]) == {"ads", "disfluency"}
+
+    # a re-run reuses the calibrated thresholds and skips the finished shards
+    again = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")
+    assert "reusing the thresholds" in again.stderr
+    assert _manifest(out)["config_hash"] == m["config_hash"]
+    assert _manifest(out)["shards"]["skipped"] == m["shards"]["total"]
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt_lm", "corrupt_ads", "wrong_task"])
+def test_broken_models_fail_before_any_shard_is_read(case, model_dir, sample_dir, tmp_path):
+    bad = tmp_path / "bad.bin"
+    if case == "corrupt_lm":
+        bad.write_bytes((model_dir / "lm.bin").read_bytes()[:50000])
+    elif case == "corrupt_ads":
+        bad.write_bytes((model_dir / "ads.bin").read_bytes()[:-100000])
+    elif case == "wrong_task":
+        bad = model_dir / "fluency.bin"
+    cfg = {"ads": {"model": str(model_dir / "ads.bin")}}
+    if case in ("missing", "corrupt_ads", "wrong_task"):
+        cfg["ads"]["model"] = str(bad)
+    else:
+        cfg["disfluency"] = {"kenlm": str(bad), "max_perplexity": 100}
+    config = _write_config(tmp_path / "filters.yaml", cfg)
+    out = tmp_path / "out"
+    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--no-progress", check=False)
+    assert proc.returncode != 0
+    assert bad.name in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()          # nothing was written: the check came before any shard
+
+
+def test_unknown_domain_in_config_is_refused(model_dir, sample_dir, tmp_path):
+    config = _write_config(tmp_path / "filters.yaml", {
+        "ads": {"model": str(model_dir / "ads.bin"), "thresholds": {"Wikipeda": 0.9}}})
+    proc = curate("filter", sample_dir / "train", "--out", tmp_path / "out", "--config", config, "--no-progress",
+                  check=False)
+    assert proc.returncode != 0 and "Wikipeda" in proc.stderr
+
+
+def test_ads_limited_to_domains_leaves_others_unscored(model_dir, sample_dir, tmp_path):
+    config = _write_config(tmp_path / "filters.yaml", {
+        "ads": {"model": str(model_dir / "ads.bin"), "threshold": 0.5, "domains": ["C4"]}})
+    out = tmp_path / "out"
+    curate("filter", sample_dir / "train", "--out", out, "--config", config, "--no-progress")
+    t = pq.read_table(out / "kept").to_pandas()
+    assert t.loc[t["domain"] == "C4", "ad_score"].notna().all()
+    assert t.loc[t["domain"] != "C4", "ad_score"].isna().all()
+    removed = _manifest(out)["totals"]["by_domain"]
+    assert all(v["removed"].get("ads", 0) == 0 for d, v in removed.items() if d != "C4")
+    assert removed["C4"]["removed"]["ads"] > 0
+    assert np.isfinite(t.loc[t["domain"] == "C4", "ad_score"]).all()
