@@ -1,0 +1,68 @@
+"""Filter config validation: every bad key or value is refused with the key named."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from filters.ads import AdFilter
+from filters.config import build_filters, load_filter_config, parse_filter_config
+from filters.errors import CurateError
+from filters.fluency import DisfluencyFilter
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"ads": {"model": "a.bin", "treshold": 0.5}}, "ads.treshold"),
+    ({"ads": {"threshold": 0.5}}, "ads.model is required"),
+    ({"ads": {"model": "a.bin", "threshold": -0.1}}, "ads.threshold"),
+    ({"ads": {"model": "a.bin", "threshold": "high"}}, "ads.threshold"),
+    ({"ads": {"model": "a.bin", "thresholds": {"C4": 2}}}, None),
+    ({"ads": {"model": "a.bin", "thresholds": [0.5]}}, "ads.thresholds"),
+    ({"ads": {"model": "a.bin", "domains": "C4"}}, "ads.domains"),
+    ({"ads": {"model": "a.bin", "drop_fraction": 1.5}}, "ads.drop_fraction"),
+    ({"ads": {"model": "a.bin", "drop_fraction": {"C4": -1}}}, "ads.drop_fraction.C4"),
+    ({"ads": {"model": 3}}, "ads.model"),
+    ({"disfluency": {"max_perplexity": 100}}, "needs `kenlm`"),
+    ({"disfluency": {"fluency_model": "f.bin", "max_perplexity": 100}}, "max_perplexity needs disfluency.kenlm"),
+    ({"disfluency": {"kenlm": "lm.bin", "max_perplexity": 0}}, "disfluency.max_perplexity"),
+    ({"disfluency": {"kenlm": "lm.bin", "max_perplexity": {}}}, "empty mapping"),
+    ({"disfluency": {"kenlm": "lm.bin", "combine": "and"}}, "disfluency.combine"),
+    ({"disfluency": {"kenlm": "lm.bin", "perplexity": 100}}, "disfluency.perplexity"),
+    ({"calibration": {"max_docs": 0}}, "calibration.max_docs"),
+    ({"calibration": {"samples": 10}}, "calibration.samples"),
+    ({"adds": {}}, "adds"),
+])
+def test_bad_values_name_the_key(raw, message):
+    if message is None:
+        parse_filter_config(raw)          # thresholds above 1 are allowed: they remove nothing
+        return
+    with pytest.raises(CurateError, match=message.replace(".", r"\.").replace("`", ".")):
+        parse_filter_config(raw)
+
+
+def test_defaults_and_paths_relative_to_the_yaml(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "filters.yaml"
+    p.write_text(yaml.safe_dump({"ads": {"model": "models/ads.bin"},
+                                 "disfluency": {"kenlm": str(tmp_path / "lm.bin"), "fluency_model": "fl.bin"}}))
+    cfg = load_filter_config(p)
+    assert cfg.disfluency.drop_fraction == 0.15            # the paper's 15% when no limit is given
+    assert cfg.needs_calibration()
+    length, ads, dis = build_filters(cfg)
+    assert isinstance(ads, AdFilter) and ads.model_path == tmp_path / "sub" / "models" / "ads.bin"
+    assert isinstance(dis, DisfluencyFilter) and dis.kenlm_path == tmp_path / "lm.bin"
+    assert dis.fluency_path == tmp_path / "sub" / "fl.bin"
+    assert dis.columns == ("perplexity", "disfluency_score") and ads.columns == ("ad_score",)
+    # an uncalibrated drop_fraction may score (for calibration) but refuses to decide
+    with pytest.raises(CurateError, match="not calibrated"):
+        dis.decide({"perplexity": [1.0], "disfluency_score": [0.1]}, ["C4"])
+
+
+def test_hash_follows_settings_not_the_file_location(tmp_path):
+    a = parse_filter_config({"ads": {"model": "ads.bin", "threshold": 0.6}})
+    b = parse_filter_config({"ads": {"model": "ads.bin", "threshold": 0.6}})
+    c = parse_filter_config({"ads": {"model": "ads.bin", "threshold": 0.7}})
+    b.source = str(tmp_path / "elsewhere.yaml")
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+    assert parse_filter_config({"ads": {"model": "a.bin", "thresholds": {"C4": 0.9}},
+                                "disfluency": {"kenlm": "l.bin", "max_perplexity": {"Books": 9, "default": 5},
+                                               "domains": ["Books", "ArXiv"]}}).domains_named() == {"C4", "Books", "ArXiv"}
