@@ -68,6 +68,8 @@ def load_run(run_dir: str | Path) -> tuple[list[dict], list[dict], dict[str, flo
 
 
 def _reference(run_dir: Path, weights: list[dict]) -> dict[str, float] | None:
+    """The records' own references, else what the run's sampler config says: the manifest's, a
+    file's, or with `measure` the first evaluation (that is how the sampler set them)."""
     for rec in reversed(weights):
         if isinstance(rec.get("reference"), dict):
             return {d: float(v) for d, v in rec["reference"].items()}
@@ -75,11 +77,12 @@ def _reference(run_dir: Path, weights: list[dict]) -> dict[str, float] | None:
     if not config.is_file():
         return None
     import yaml
-    from samplers.config import SamplerConfig
+    from samplers.config import MEASURE, SamplerConfig
     section = (yaml.safe_load(config.read_text()) or {}).get("sampler") or {}
     cfg = SamplerConfig.from_dict(section, where=f"{config}: sampler")
-    if cfg.reference_losses == "measure":
-        return None
+    if cfg.reference_losses == MEASURE:
+        first = next((r for r in weights if isinstance(r.get("eval_loss"), dict)), None)
+        return None if first is None else {d: float(v) for d, v in first["eval_loss"].items()}
     return cfg.reference(list(weights[0]["weights"]))
 
 
@@ -135,7 +138,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pat
             if pts:
                 ax_x.plot(*zip(*pts), marker="o", ms=4, color=colors[d], label=d)
         ax_x.axhline(0, color="black", lw=1)
-        ax_x.set(title="Loss minus reference (> 0: the dynamic rule raises the weight)", ylabel="loss - reference")
+        ax_x.set(title="Loss minus reference (the dynamic rules favour the highest)", ylabel="loss - reference")
     else:
         ax_x.set_title("Loss minus reference")
         ax_x.text(0.5, 0.5, "no reference losses known" if evals else "no evaluations yet",

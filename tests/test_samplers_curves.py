@@ -59,6 +59,11 @@ def test_reference_from_config_and_custom_out(tmp_path):
     out = tmp_path / "figs" / "w.png"
     curate("curves", tmp_path / "run", "--out", out)
     assert out.stat().st_size > 10_000 and "Reference losses: CommonCrawl 1.6917" in out.with_suffix(".html").read_text()
+    # measured references: the first evaluation's losses
+    (tmp_path / "run" / "config.yaml").write_text("sampler:\n  kind: dynamic\n  reference_losses: measure\n")
+    curate("curves", tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "domain_weights.jsonl").read_text().splitlines()[1])["eval_loss"]
+    assert f"Reference losses: CommonCrawl {first['CommonCrawl']:.4f}" in (tmp_path / "run" / "curves.html").read_text()
     # without any reference the excess panel says so instead of failing
     (tmp_path / "run" / "config.yaml").unlink()
     curate("curves", tmp_path / "run")
