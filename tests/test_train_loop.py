@@ -121,7 +121,7 @@ def test_loss_falls_and_the_run_has_its_files(tokdir, tmp_path):
     assert all(m["tokens"] == 128 * m["step"] and m["aux_loss"] > 0 and m["mfu"] is None for m in met)
 
     dw = [json.loads(line) for line in (run / "domain_weights.jsonl").read_text().splitlines()]
-    assert [r["tokens"] for r in dw] == [0, 512, 1024, 1536, 2048, 2560, 3072, 3584]
+    assert [r["tokens"] for r in dw] == [0, 512, 1024, 1536, 2048, 2560, 3072, 3584, 3840]   # + the end
     assert dw[0]["weights"] == pytest.approx({d: 1 / 7 for d in dw[0]["weights"]})   # initial weights first
     assert dw[-1]["weights"] != dw[0]["weights"] and len(dw[0]["eval_loss"]) == 7
     assert sum(dw[-1]["eval_loss"].values()) < sum(dw[0]["eval_loss"].values()) - 7 * 0.5

@@ -11,7 +11,6 @@ reweight the domains; every `checkpoint_every` steps a checkpoint is written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import random
 import time
@@ -89,7 +88,6 @@ class Trainer:
         n_eval = t.eval_batches * d.micro_batch_size
         self.eval_sequences = {dom: torch.from_numpy(self.tokens.eval_sequences(dom, d.seq_len, max_sequences=n_eval))
                                for dom in self.tokens.domains}
-        self.resume_from = None
         # the data order follows sampler.seed; train.seed drives initialisation and gate noise
         self.stream = DomainStream(self.tokens, self.sampler_cfg, seq_len=d.seq_len, seed=None,
                                    rank=ctx.rank, world_size=ctx.world_size, num_workers=t.dataloader_workers)
@@ -145,7 +143,7 @@ class Trainer:
         if cfg.data.seq_len > self.model_cfg.max_seq_len:
             raise CurateError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len "
                               f"{self.model_cfg.max_seq_len}")
-        self.raw_model = model.to(ctx.device)
+        model.to(ctx.device)
         blocks = model.layers
         if t.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -191,26 +189,29 @@ class Trainer:
         if self.step == 0:
             self.evaluate()                     # initial weights and the starting model's losses
         self.model.train()
-        last_time, last_tokens = time.perf_counter(), self.tokens_seen
+        busy, busy_tokens = 0.0, 0      # time in training steps since the last log (not eval, checkpoints)
         while self.step < self.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
-            loss, aux = self.train_step()
+            start = time.perf_counter()
+            loss, aux = self.train_step()   # returns host floats, so the GPU work is done here
+            busy += time.perf_counter() - start
+            busy_tokens += self.global_batch_tokens
             self.step += 1
             self.tokens_seen += self.global_batch_tokens
             self.logger.advance()
 
             if self.step % t.log_every == 0 or self.step in (1, self.max_steps):
                 loss, aux = all_reduce_mean(loss, self.ctx), all_reduce_mean(aux, self.ctx)
-                now = time.perf_counter()
-                tokens_per_s = (self.tokens_seen - last_tokens) / (now - last_time)
-                last_time, last_tokens = now, self.tokens_seen
+                tokens_per_s = all_reduce_mean(busy_tokens / busy, self.ctx)
+                busy, busy_tokens = 0.0, 0
                 mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
                        if self.peak_flops else None)
                 self.logger.log_step({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
                                       "aux_loss": aux, "lr": lr, "grad_norm": self.grad_norm,
                                       "tokens_per_s": tokens_per_s, "mfu": mfu, "max_mem_gb": self.max_memory()},
                                      expert_load=self.expert_load())
-            if self.tokens_seen >= self.next_eval or self.stream.due_for_update(self.tokens_seen):
+            due = self.tokens_seen >= self.next_eval or self.stream.due_for_update(self.tokens_seen)
+            if due or self.step == self.max_steps:     # and the final model's held-out losses
                 self.evaluate()
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps:
                 self.save()
