@@ -1,0 +1,321 @@
+"""`curate filter` with the ad classifier against datatrove's JsonlReader -> FastTextClassifierFilter ->
+ParquetWriter, on one core, same shards, same model, side by side in one run.
+
+    .venv/bin/python benchmarks/filter_vs_datatrove.py [--mb 200] [--work /tmp/filter-bench]
+
+Needs `pip install -e ".[bench]"` (datatrove, and fasteners, which its fastText filter imports) and the
+KenLM tools (`make kenlm-tools`). Every run is a separate process pinned to CPU 0 with `taskset`, timed
+whole (start-up, model loading and cluster start included). The parts are timed alone, each in its
+own pinned process, on the same corpus:
+  I/O floor   zstd decompress + split lines + json.loads (no Dask, no batching)
+  normalise   filters.normalize.normalize_texts over every text
+  predict     fastText predict (k=-1) on the normalised texts, one batched call per 1024
+  write       pyarrow: every document with its score into one zstd Parquet file per shard
+  kenlm       filters.fluency.perplexities (normalise lines + KenLM score)
+The corpus is ../shared/data/redpajama-sample replicated to at least --mb MB of text; the models are
+trained by `curate train-classifier` on `curate sample` labels (default settings) and by
+`curate train-lm` on the real sample's Books and Wikipedia text. Writes benchmarks/results/filters.md.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT.parent / "shared" / "data" / "redpajama-sample"
+BIN = Path(sys.executable).parent
+PIN = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+
+
+# ----------------------------------------------------------------------------- the parts (child processes)
+def _docs(corpus: str):
+    import zstandard
+
+    for f in sorted(glob.glob(f"{corpus}/*.jsonl.zst")):
+        with open(f, "rb") as fh:
+            for line in io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh)):
+                yield f, json.loads(line)
+
+
+def part(name: str, corpus: str, models: str) -> dict:
+    """One part alone; returns its seconds (work only: inputs are prepared untimed)."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    if name == "io":
+        n = sum(1 for _ in _docs(corpus))
+        return {"seconds": time.perf_counter() - t0, "docs": n}
+    docs = list(_docs(corpus))
+    texts = [d["text"] for _, d in docs]
+    from filters.normalize import normalize_texts
+
+    if name == "normalise":
+        t0 = time.perf_counter()
+        normalize_texts(texts)
+        return {"seconds": time.perf_counter() - t0}
+    if name == "predict":
+        import fasttext
+
+        model = fasttext.load_model(f"{models}/ads.bin")
+        norm = normalize_texts(texts)
+        t0 = time.perf_counter()
+        for i in range(0, len(norm), 1024):
+            model.predict(norm[i:i + 1024], k=-1)
+        return {"seconds": time.perf_counter() - t0}
+    if name == "kenlm":
+        from filters.fluency import load_kenlm, perplexities
+
+        lm = load_kenlm(f"{models}/lm.bin")
+        t0 = time.perf_counter()
+        perplexities(lm, texts)
+        return {"seconds": time.perf_counter() - t0}
+    if name == "write":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = Path(models).parent / "write-part"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        by_file: dict[str, list] = {}
+        for f, d in docs:
+            by_file.setdefault(f, []).append(d)
+        scores = np.random.default_rng(0).random(len(docs))
+        t0 = time.perf_counter()
+        k = 0
+        for f, ds in by_file.items():
+            n = len(ds)
+            table = pa.table({"id": [f"{Path(f).name}:{i}" for i in range(n)], "text": [d["text"] for d in ds],
+                              "domain": [d["meta"]["redpajama_set_name"] for d in ds], "source": [f] * n,
+                              "line": pa.array(range(1, n + 1), pa.int64()), "ad_score": scores[k:k + n],
+                              "perplexity": pa.nulls(n, pa.float64())})
+            pq.write_table(table, out / (Path(f).name + ".parquet"), compression="zstd")
+            k += n
+        return {"seconds": time.perf_counter() - t0}
+    raise ValueError(name)
+
+
+def datatrove_run(corpus: str, model: str, out: str) -> None:
+    import datatrove.pipeline.base as dt_base
+
+    # datatrove insists on the `fasttext-numpy2-wheel` distribution; this venv has the same fastText
+    # bindings as `fasttext-numpy2` (installing both would make them overwrite each other's module)
+    check = dt_base.check_required_dependencies
+    dt_base.check_required_dependencies = lambda step, deps: check(
+        step, [d for d in deps if not (isinstance(d, tuple) and d[0] == "fasttext")])
+
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.filters import FastTextClassifierFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import ParquetWriter
+
+    LocalPipelineExecutor(pipeline=[
+        JsonlReader(corpus, glob_pattern="*.jsonl.zst", compression="zstd"),
+        # newline_replacement " ": the default "" would glue words on adjacent lines together
+        FastTextClassifierFilter(model, remove_labels=[("ad", 0.5)], newline_replacement=" "),
+        ParquetWriter(out, compression="zstd"),
+    ], tasks=1, workers=1, logging_dir=f"{out}-logs").run()
+
+
+# ----------------------------------------------------------------------------- the driver
+def timed(cmd: list[str], **kw) -> dict:
+    """Wall and CPU seconds of a whole process tree (children are waited for by their parents)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(PIN + cmd, capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def run_part(name: str, corpus: Path, models: Path) -> float:
+    r = timed([sys.executable, __file__, "--part", name, "--corpus", str(corpus), "--models", str(models)])
+    return json.loads(r["stdout"].strip().splitlines()[-1])["seconds"]
+
+
+def curate(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "curate"), *map(str, args)], check=True, capture_output=True, text=True)
+
+
+def prepare(work: Path, mb: float) -> tuple[Path, Path, dict]:
+    import zstandard
+
+    corpus, models = work / "corpus", work / "models"
+    shards = sorted(glob.glob(f"{SAMPLE}/train/*/*.jsonl.zst"))
+    raw = {f: zstandard.ZstdDecompressor().stream_reader(open(f, "rb")).read() for f in shards}
+    text_mb = sum(len(json.loads(line)["text"].encode()) for b in raw.values() for line in b.splitlines()) / 1e6
+    reps = math.ceil(mb / text_mb)
+    if not (corpus / ".done").exists() or len(list(corpus.glob("*.jsonl.zst"))) != reps * len(shards):
+        shutil.rmtree(corpus, ignore_errors=True)
+        corpus.mkdir(parents=True)
+        for f, b in raw.items():
+            data = zstandard.ZstdCompressor(level=3).compress(b)
+            for r in range(reps):
+                (corpus / f"{Path(f).name.removesuffix('.jsonl.zst')}_r{r:03d}.jsonl.zst").write_bytes(data)
+        (corpus / ".done").touch()
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / "ads.bin").exists():
+        curate("sample", work / "sample")
+        curate("train-classifier", "--task", "ads", "--data", work / "sample" / "labels" / "ads.jsonl",
+               "--out", models / "ads.bin")
+    if not (models / "lm.bin").exists():
+        prose = [d["text"] for f, d in _docs_once(shards)
+                 if d["meta"]["redpajama_set_name"] in ("RedPajamaBook", "RedPajamaWikipedia")]
+        (work / "prose.txt").write_text("\n".join(prose) + "\n")
+        curate("train-lm", "--text", work / "prose.txt", "--order", "5", "--out", models / "lm.bin")
+    info = {"text_mb": text_mb * reps, "jsonl_mb": sum(len(b) for b in raw.values()) * reps / 1e6,
+            "shards": reps * len(shards), "reps": reps,
+            "ads_model_mb": (models / "ads.bin").stat().st_size / 1e6,
+            "lm_model_mb": (models / "lm.bin").stat().st_size / 1e6}
+    return corpus, models, info
+
+
+def _docs_once(shards: list[str]):
+    import zstandard
+
+    for f in shards:
+        with open(f, "rb") as fh:
+            for line in io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh)):
+                yield f, json.loads(line)
+
+
+def kept_ids(out: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for f in glob.glob(f"{out}/kept/**/*.parquet", recursive=True):
+        ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=200, help="MB of document text at least (default 200)")
+    ap.add_argument("--work", default="/tmp/filter-bench", help="scratch folder (corpus, models, outputs)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "filters.md"))
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--datatrove", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    ap.add_argument("--models", help=argparse.SUPPRESS)
+    ap.add_argument("--dt-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        print(json.dumps(part(args.part, args.corpus, args.models)))
+        return 0
+    if args.datatrove:
+        datatrove_run(args.corpus, f"{args.models}/ads.bin", args.dt_out)
+        return 0
+
+    if not SAMPLE.is_dir():
+        sys.exit(f"{SAMPLE} is not present: this benchmark needs the real RedPajama sample")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    corpus, models, info = prepare(work, args.mb)
+    print(f"corpus: {info['shards']} shards, {info['text_mb']:.1f} MB of text; ads model {info['ads_model_mb']:.0f} MB",
+          flush=True)
+    (work / "ads.yaml").write_text(f"ads: {{model: {models}/ads.bin, threshold: 0.5}}\n")
+    (work / "chain.yaml").write_text(f"ads: {{model: {models}/ads.bin, threshold: 0.5}}\n"
+                                     f"disfluency: {{kenlm: {models}/lm.bin, max_perplexity: 100000}}\n")
+
+    results = {}
+    for name, cmd in [
+        ("curate filter (ads)", [str(BIN / "curate"), "filter", str(corpus), "--out", str(work / "ours"),
+                                 "--config", str(work / "ads.yaml"), "--workers", "1", "--no-progress", "--force"]),
+        ("datatrove (ads)", [sys.executable, __file__, "--datatrove", "--corpus", str(corpus), "--models", str(models),
+                             "--dt-out", str(work / "datatrove")]),
+        ("curate filter (ads + KenLM)", [str(BIN / "curate"), "filter", str(corpus), "--out", str(work / "chain"),
+                                         "--config", str(work / "chain.yaml"), "--workers", "1", "--no-progress",
+                                         "--force"]),
+    ]:
+        shutil.rmtree(work / "datatrove", ignore_errors=True)
+        shutil.rmtree(work / "datatrove-logs", ignore_errors=True)
+        results[name] = timed(cmd)
+        print(f"{name}: {results[name]['wall']:.1f} s wall, {results[name]['cpu']:.1f} s CPU", flush=True)
+    parts = {}
+    for name in ("io", "normalise", "predict", "write", "kenlm"):
+        parts[name] = run_part(name, corpus, models)
+        print(f"part {name}: {parts[name]:.2f} s", flush=True)
+
+    # same decisions as an unbatched run (batch_size 1) on two shards
+    two = work / "two"
+    shutil.rmtree(two, ignore_errors=True)
+    two.mkdir()
+    for f in sorted(corpus.glob("*_r000.jsonl.zst"))[:2]:
+        os.symlink(f, two / f.name)
+    (work / "ads1.yaml").write_text(f"ads: {{model: {models}/ads.bin, threshold: 0.5}}\nbatch_size: 1\n")
+    curate("filter", two, "--out", work / "unbatched", "--config", work / "ads1.yaml", "--no-progress", "--force")
+    curate("filter", two, "--out", work / "batched", "--config", work / "ads.yaml", "--no-progress", "--force")
+    same = kept_ids(work / "unbatched") == kept_ids(work / "batched")
+
+    ours, dt, chain = (results[k] for k in ("curate filter (ads)", "datatrove (ads)", "curate filter (ads + KenLM)"))
+    ads_parts = parts["io"] + parts["normalise"] + parts["predict"] + parts["write"]
+    chain_parts = ads_parts + parts["kenlm"]
+    manifest = json.loads((work / "ours" / "manifest.json").read_text())
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
+    load_end = os.getloadavg()
+    mbps = info["text_mb"]
+    rows = [
+        ("curate filter --workers 1, ads", ours), ("datatrove JsonlReader -> FastTextClassifierFilter -> ParquetWriter", dt),
+        ("curate filter --workers 1, ads + KenLM", chain)]
+    lines = [
+        "# Filters: `curate filter` (ads classifier) vs datatrove, and the chain vs its parts",
+        "",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Script: `benchmarks/filter_vs_datatrove.py --mb {args.mb:g}`.",
+        f"Corpus: ../shared/data/redpajama-sample replicated {info['reps']}x = {info['shards']} shards, "
+        f"{info['text_mb']:.1f} MB of document text ({info['jsonl_mb']:.1f} MB of JSONL, {manifest['totals']['docs_in']} documents). "
+        f"Ads model: `curate train-classifier --task ads` defaults on `curate sample` labels ({info['ads_model_mb']:.0f} MB); "
+        f"KenLM: order 5 on the sample's Books + Wikipedia text ({info['lm_model_mb']:.0f} MB).",
+        f"Every process pinned to CPU 0 (`taskset -c 0`), timed whole: interpreter start, model loading and (for curate) "
+        f"the Dask cluster start included.",
+        "",
+        "```", *lscpu, f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
+        f"at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}", "```",
+        "",
+        "| run | wall s | CPU s | MB text / wall s |",
+        "|---|---:|---:|---:|",
+        *[f"| {n} | {r['wall']:.1f} | {r['cpu']:.1f} | {mbps / r['wall']:.1f} |" for n, r in rows],
+        "",
+        "| part alone (one process each, pinned) | seconds |",
+        "|---|---:|",
+        f"| I/O floor: zstd decompress + lines + json.loads | {parts['io']:.2f} |",
+        f"| normalise (filters.normalize, cc_net rules) | {parts['normalise']:.2f} |",
+        f"| fastText predict, batched, k=-1 | {parts['predict']:.2f} |",
+        f"| Parquet write (pyarrow, zstd) | {parts['write']:.2f} |",
+        f"| KenLM perplexity (normalise lines + score) | {parts['kenlm']:.2f} |",
+        f"| sum for ads: I/O + normalise + predict + write | {ads_parts:.2f} |",
+        f"| sum for ads + KenLM | {chain_parts:.2f} |",
+        "",
+        "| ratio | value | target |",
+        "|---|---:|---:|",
+        f"| datatrove wall / curate filter wall (ads) | {dt['wall'] / ours['wall']:.2f}x | >= 1.3x |",
+        f"| datatrove CPU / curate filter CPU (ads) | {dt['cpu'] / ours['cpu']:.2f}x | |",
+        f"| curate filter (ads) wall / sum of its parts | {ours['wall'] / ads_parts:.2f} | <= 1.10 |",
+        f"| curate filter (ads + KenLM) wall / sum of its parts | {chain['wall'] / chain_parts:.2f} | <= 1.15 |",
+        f"| curate filter (ads + KenLM) wall / (curate filter (ads) wall + KenLM part) | "
+        f"{chain['wall'] / (ours['wall'] + parts['kenlm']):.2f} | |",
+        "",
+        f"Same kept documents batched (1024) as unbatched (batch_size 1), on 2 shards: {'yes' if same else 'NO'}.",
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
