@@ -167,11 +167,12 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(noisy_run,
     assert len(rows(cut, "domain_weights.jsonl", "tokens")) == 5     # 0, 512, ..., 2048: none repeated
 
 
-def test_activation_checkpointing_changes_no_number(noisy_run, tmp_path):
-    """Recomputing blocks in the backward (with the gate noise replayed) gives the same run."""
+def test_activation_checkpointing_and_dataloader_workers_change_no_number(noisy_run, tmp_path):
+    """Recomputing blocks in the backward (with the gate noise replayed) and reading batches in two
+    DataLoader worker processes give the same run."""
     cfg, full = noisy_run
     raw = yaml.safe_load(Path(cfg).read_text())
-    raw["train"]["activation_checkpointing"] = True
+    raw["train"].update(activation_checkpointing=True, dataloader_workers=2)
     other = tmp_path / "ac.yaml"
     other.write_text(yaml.safe_dump(raw))
     curate("train", "--config", other, "--out", tmp_path / "ac", env=ENV)
