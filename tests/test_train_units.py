@@ -133,8 +133,9 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 def test_partial_checkpoint_dirs_are_cleaned(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step_5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "..tmp-step_5.tmp-123").mkdir()
     ckpt.remove_partial(tmp_path)
-    assert not (tmp_path / "checkpoints" / ".tmp-step_5").exists()
+    assert list((tmp_path / "checkpoints").iterdir()) == []
     assert ckpt.find_resume_checkpoint(tmp_path, {}, "h", 1) is None
 
 

@@ -48,11 +48,15 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def remove_partial(run_dir: str | Path) -> None:
-    """Remove temporary directories left by a run killed while writing a checkpoint."""
+    """Remove what a run killed while writing a checkpoint left: every hidden entry of checkpoints/
+    (`.tmp-step_<N>`, and the model writer's own temporary `..tmp-step_<N>.tmp-<pid>`)."""
     root = checkpoint_root(run_dir)
     if root.is_dir():
-        for p in root.glob(".tmp-step_*"):
-            shutil.rmtree(p)
+        for p in root.iterdir():
+            if p.name.startswith(".") and p.is_dir():
+                shutil.rmtree(p)
+            elif p.name.startswith("."):
+                p.unlink()
 
 
 def write_checkpoint(run_dir: str | Path, step: int, tokens: int, *, config: dict, config_hash: str,
