@@ -181,7 +181,7 @@ class TrainConfig:
     data: DataSection
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
-    sampler: dict[str, Any] = field(default_factory=dict)   # passed to samplers.SamplerConfig
+    sampler: dict[str, Any] = field(default_factory=dict)   # samplers.SamplerConfig fields
     out: str | None = None
     source: str | None = None           # the file it was loaded from (not part of the config)
 
@@ -237,7 +237,7 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def sampler_config(section: dict[str, Any]):
-    """The sampler engineer's `SamplerConfig` from the `sampler:` section (it names bad keys)."""
+    """`samplers.SamplerConfig` from the `sampler:` section (it names bad keys)."""
     from samplers.config import SamplerConfig   # submodule: works even if `samplers` resolves as a namespace
 
     return SamplerConfig.from_dict(section, where="sampler")

@@ -26,8 +26,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    # foreach (multi-tensor) works for plain tensors and FSDP2's DTensors alike; fused is CUDA-only.
-    fused = all(p.is_cuda for p in model.parameters())
+    # fused (one kernel) for plain CUDA tensors; otherwise foreach, which also takes FSDP2's DTensors
+    from torch.distributed.tensor import DTensor
+    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                              eps=cfg.eps, fused=fused or None)
 
