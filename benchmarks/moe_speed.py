@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-layer", action="store_true", help="skip the single-layer timing")
     p.add_argument("--profile", action="store_true", help="also profile moe-grouped and print the top kernels")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100 SXM, 756 PCIe)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1+1 steps: a correctness run for CPU/CI")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (overriding the size options), 1+1 steps: a correctness run for CI")
     a = p.parse_args(argv)
     if a.smoke:
         a.hidden, a.layers, a.heads, a.vocab, a.experts, a.top_k, a.expert_size = 64, 2, 4, 256, 4, 2, 32
