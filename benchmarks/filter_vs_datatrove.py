@@ -48,38 +48,50 @@ def _docs(corpus: str):
                 yield f, json.loads(line)
 
 
+class _Clock:
+    """Wall and CPU seconds of the work between start() and stop()."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> dict:
+        return {"wall": time.perf_counter() - self.wall, "cpu": time.process_time() - self.cpu}
+
+
 def part(name: str, corpus: str, models: str) -> dict:
-    """One part alone; returns its seconds (work only: inputs are prepared untimed)."""
+    """One part alone; returns its wall and CPU seconds (work only: inputs are prepared untimed)."""
     import numpy as np
 
-    t0 = time.perf_counter()
+    t0 = _Clock()
+    t0.start()
     if name == "io":
-        n = sum(1 for _ in _docs(corpus))
-        return {"seconds": time.perf_counter() - t0, "docs": n}
+        sum(1 for _ in _docs(corpus))
+        return t0.stop()
     docs = list(_docs(corpus))
     texts = [d["text"] for _, d in docs]
     from filters.normalize import normalize_texts
 
     if name == "normalise":
-        t0 = time.perf_counter()
+        t0.start()
         normalize_texts(texts)
-        return {"seconds": time.perf_counter() - t0}
-    if name == "predict":
+        return t0.stop()
+    if name in ("predict", "predict_raw"):
         import fasttext
 
         model = fasttext.load_model(f"{models}/ads.bin")
-        norm = normalize_texts(texts)
-        t0 = time.perf_counter()
-        for i in range(0, len(norm), 1024):
-            model.predict(norm[i:i + 1024], k=-1)
-        return {"seconds": time.perf_counter() - t0}
+        # predict_raw: the text as datatrove feeds it (newlines -> spaces, nothing else)
+        inputs = normalize_texts(texts) if name == "predict" else [t.replace("\n", " ") for t in texts]
+        t0.start()
+        for i in range(0, len(inputs), 1024):
+            model.predict(inputs[i:i + 1024], k=-1)
+        return t0.stop()
     if name == "kenlm":
         from filters.fluency import load_kenlm, perplexities
 
         lm = load_kenlm(f"{models}/lm.bin")
-        t0 = time.perf_counter()
+        t0.start()
         perplexities(lm, texts)
-        return {"seconds": time.perf_counter() - t0}
+        return t0.stop()
     if name == "write":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -91,7 +103,7 @@ def part(name: str, corpus: str, models: str) -> dict:
         for f, d in docs:
             by_file.setdefault(f, []).append(d)
         scores = np.random.default_rng(0).random(len(docs))
-        t0 = time.perf_counter()
+        t0.start()
         k = 0
         for f, ds in by_file.items():
             n = len(ds)
@@ -101,7 +113,7 @@ def part(name: str, corpus: str, models: str) -> dict:
                               "perplexity": pa.nulls(n, pa.float64())})
             pq.write_table(table, out / (Path(f).name + ".parquet"), compression="zstd")
             k += n
-        return {"seconds": time.perf_counter() - t0}
+        return t0.stop()
     raise ValueError(name)
 
 
@@ -141,9 +153,9 @@ def timed(cmd: list[str], **kw) -> dict:
     return {"wall": wall, "cpu": cpu, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
-def run_part(name: str, corpus: Path, models: Path) -> float:
+def run_part(name: str, corpus: Path, models: Path) -> dict:
     r = timed([sys.executable, __file__, "--part", name, "--corpus", str(corpus), "--models", str(models)])
-    return json.loads(r["stdout"].strip().splitlines()[-1])["seconds"]
+    return json.loads(r["stdout"].strip().splitlines()[-1])
 
 
 def curate(*args) -> subprocess.CompletedProcess:
@@ -246,9 +258,9 @@ def main() -> int:
         results[name] = timed(cmd)
         print(f"{name}: {results[name]['wall']:.1f} s wall, {results[name]['cpu']:.1f} s CPU", flush=True)
     parts = {}
-    for name in ("io", "normalise", "predict", "write", "kenlm"):
+    for name in ("io", "normalise", "predict", "predict_raw", "write", "kenlm"):
         parts[name] = run_part(name, corpus, models)
-        print(f"part {name}: {parts[name]:.2f} s", flush=True)
+        print(f"part {name}: {parts[name]['wall']:.2f} s wall, {parts[name]['cpu']:.2f} s CPU", flush=True)
 
     # same decisions as an unbatched run (batch_size 1) on two shards
     two = work / "two"
@@ -262,53 +274,59 @@ def main() -> int:
     same = kept_ids(work / "unbatched") == kept_ids(work / "batched")
 
     ours, dt, chain = (results[k] for k in ("curate filter (ads)", "datatrove (ads)", "curate filter (ads + KenLM)"))
-    ads_parts = parts["io"] + parts["normalise"] + parts["predict"] + parts["write"]
-    chain_parts = ads_parts + parts["kenlm"]
-    manifest = json.loads((work / "ours" / "manifest.json").read_text())
+    ads_parts = {k: sum(parts[p][k] for p in ("io", "normalise", "predict", "write")) for k in ("wall", "cpu")}
+    chain_parts = {k: ads_parts[k] + parts["kenlm"][k] for k in ("wall", "cpu")}
+    totals = json.loads((work / "ours" / "manifest.json").read_text())["totals"]
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
     load_end = os.getloadavg()
-    mbps = info["text_mb"]
-    rows = [
-        ("curate filter --workers 1, ads", ours), ("datatrove JsonlReader -> FastTextClassifierFilter -> ParquetWriter", dt),
-        ("curate filter --workers 1, ads + KenLM", chain)]
+    mb = info["text_mb"]
+    rows = [("curate filter --workers 1, ads", ours),
+            ("datatrove JsonlReader -> FastTextClassifierFilter -> ParquetWriter", dt),
+            ("curate filter --workers 1, ads + KenLM", chain)]
+    part_rows = [("I/O floor: zstd decompress + lines + json.loads", "io"),
+                 ("normalise (filters.normalize, cc_net rules)", "normalise"),
+                 ("fastText predict on normalised text, batched, k=-1", "predict"),
+                 ("(for reference) fastText predict on raw text, as datatrove feeds it", "predict_raw"),
+                 ("Parquet write, every document (pyarrow, zstd)", "write"),
+                 ("KenLM perplexity (normalise lines + score)", "kenlm")]
+
+    def ratio(a: dict, b: dict) -> str:
+        return f"{a['wall'] / b['wall']:.2f} / {a['cpu'] / b['cpu']:.2f}"
+
     lines = [
         "# Filters: `curate filter` (ads classifier) vs datatrove, and the chain vs its parts",
         "",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Script: `benchmarks/filter_vs_datatrove.py --mb {args.mb:g}`.",
         f"Corpus: ../shared/data/redpajama-sample replicated {info['reps']}x = {info['shards']} shards, "
-        f"{info['text_mb']:.1f} MB of document text ({info['jsonl_mb']:.1f} MB of JSONL, {manifest['totals']['docs_in']} documents). "
+        f"{mb:.1f} MB of document text ({info['jsonl_mb']:.1f} MB of JSONL, {totals['docs_in']} documents; "
+        f"the ads filter kept {totals['kept']}, curate writes kept and rejected documents, datatrove only kept ones). "
         f"Ads model: `curate train-classifier --task ads` defaults on `curate sample` labels ({info['ads_model_mb']:.0f} MB); "
         f"KenLM: order 5 on the sample's Books + Wikipedia text ({info['lm_model_mb']:.0f} MB).",
-        f"Every process pinned to CPU 0 (`taskset -c 0`), timed whole: interpreter start, model loading and (for curate) "
-        f"the Dask cluster start included.",
+        "Every process pinned to CPU 0 (`taskset -c 0`), timed whole: interpreter start, model loading and (for curate) "
+        "the Dask cluster start and the model checks on the driver included. CPU seconds are user + system of the "
+        "whole process tree; on a shared machine they are the steadier figure (wall time includes waiting for the "
+        "core).",
         "",
         "```", *lscpu, f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
         f"at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}", "```",
         "",
-        "| run | wall s | CPU s | MB text / wall s |",
+        "| run (whole process) | wall s | CPU s | MB text per wall s |",
         "|---|---:|---:|---:|",
-        *[f"| {n} | {r['wall']:.1f} | {r['cpu']:.1f} | {mbps / r['wall']:.1f} |" for n, r in rows],
+        *[f"| {n} | {r['wall']:.1f} | {r['cpu']:.1f} | {mb / r['wall']:.1f} |" for n, r in rows],
         "",
-        "| part alone (one process each, pinned) | seconds |",
-        "|---|---:|",
-        f"| I/O floor: zstd decompress + lines + json.loads | {parts['io']:.2f} |",
-        f"| normalise (filters.normalize, cc_net rules) | {parts['normalise']:.2f} |",
-        f"| fastText predict, batched, k=-1 | {parts['predict']:.2f} |",
-        f"| Parquet write (pyarrow, zstd) | {parts['write']:.2f} |",
-        f"| KenLM perplexity (normalise lines + score) | {parts['kenlm']:.2f} |",
-        f"| sum for ads: I/O + normalise + predict + write | {ads_parts:.2f} |",
-        f"| sum for ads + KenLM | {chain_parts:.2f} |",
-        "",
-        "| ratio | value | target |",
+        "| part alone (one pinned process each, work only) | wall s | CPU s |",
         "|---|---:|---:|",
-        f"| datatrove wall / curate filter wall (ads) | {dt['wall'] / ours['wall']:.2f}x | >= 1.3x |",
-        f"| datatrove CPU / curate filter CPU (ads) | {dt['cpu'] / ours['cpu']:.2f}x | |",
-        f"| curate filter (ads) wall / sum of its parts | {ours['wall'] / ads_parts:.2f} | <= 1.10 |",
-        f"| curate filter (ads + KenLM) wall / sum of its parts | {chain['wall'] / chain_parts:.2f} | <= 1.15 |",
-        f"| curate filter (ads + KenLM) wall / (curate filter (ads) wall + KenLM part) | "
-        f"{chain['wall'] / (ours['wall'] + parts['kenlm']):.2f} | |",
+        *[f"| {n} | {parts[k]['wall']:.2f} | {parts[k]['cpu']:.2f} |" for n, k in part_rows],
+        f"| sum for ads: I/O + normalise + predict + write | {ads_parts['wall']:.2f} | {ads_parts['cpu']:.2f} |",
+        f"| sum for ads + KenLM | {chain_parts['wall']:.2f} | {chain_parts['cpu']:.2f} |",
         "",
-        f"Same kept documents batched (1024) as unbatched (batch_size 1), on 2 shards: {'yes' if same else 'NO'}.",
+        "| ratio (wall / CPU) | value | target |",
+        "|---|---:|---:|",
+        f"| datatrove / curate filter, ads | {ratio(dt, ours)} | >= 1.3 |",
+        f"| curate filter (ads) / sum of its parts | {ratio(ours, ads_parts)} | <= 1.10 |",
+        f"| curate filter (ads + KenLM) / sum of its parts | {ratio(chain, chain_parts)} | <= 1.15 |",
+        "",
+        f"Same kept documents batched (1024 per call) as unbatched (batch_size 1), on 2 shards: {'yes' if same else 'NO'}.",
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

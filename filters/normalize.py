@@ -13,7 +13,7 @@ tabs and other whitespace controls, they become a space here, so that words neve
 functions, so a model always sees text shaped the way it was trained on.
 
 Speed matters (this runs on every scored document, right before the model): ASCII characters are
-handled by a byte-level `translate` (C speed), and only runs of non-ASCII characters go through
+handled by one byte-level `translate` (C speed), and only runs of non-ASCII characters go through
 the per-character rules, cached per run because the same words repeat.
 """
 from __future__ import annotations
@@ -34,11 +34,12 @@ _PUNCT = {
 
 _DIGITS = b"0123456789"
 _SPACES = b"\t\r\x0b\x0c"
+_UPPER, _LOWER = bytes(range(ord("A"), ord("Z") + 1)), bytes(range(ord("a"), ord("z") + 1))
 # ASCII controls other than the whitespace ones are deleted (as cc_net does)
 _DELETE = bytes(c for c in range(32) if c not in b"\t\n\r\x0b\x0c") + b"\x7f"
-# byte tables: digits -> 0, whitespace controls -> space; one keeps "\n", the other flattens it
-_KEEP_NEWLINES = bytes.maketrans(_DIGITS + _SPACES, b"0" * 10 + b" " * len(_SPACES))
-_ONE_LINE = bytes.maketrans(_DIGITS + _SPACES + b"\n", b"0" * 10 + b" " * (len(_SPACES) + 1))
+# byte tables: A-Z -> a-z, digits -> 0, whitespace controls -> space; one keeps "\n", one flattens it
+_KEEP_NEWLINES = bytes.maketrans(_UPPER + _DIGITS + _SPACES, _LOWER + b"0" * 10 + b" " * len(_SPACES))
+_ONE_LINE = bytes.maketrans(_UPPER + _DIGITS + _SPACES + b"\n", _LOWER + b"0" * 10 + b" " * (len(_SPACES) + 1))
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
@@ -56,8 +57,8 @@ def _fold_char(ch: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _fold_run(run: str) -> str:
-    """A run of non-ASCII characters, already lowercased, through the Unicode rules."""
-    run = unicodedata.normalize("NFKD", "".join(_PUNCT.get(c, c) for c in run))
+    """A run of non-ASCII characters (a word of Cyrillic, an accented letter) through the rules."""
+    run = unicodedata.normalize("NFKD", "".join(_PUNCT.get(c, c) for c in run.lower()))
     # NFKD can produce capitals (e.g. from letter-like symbols), hence the second lower()
     return "".join(map(_fold_char, run)).lower()
 
@@ -67,10 +68,10 @@ def _fold_non_ascii(m: re.Match) -> str:
 
 
 def _normalize(text: str, table: bytes) -> str:
-    text = text.lower()
     if not text.isascii():
         text = _NON_ASCII.sub(_fold_non_ascii, text)
-    # every byte below 0x80 in UTF-8 is an ASCII character, so the byte table is safe on any text
+    # every byte below 0x80 in UTF-8 is an ASCII character, so the byte table (which also
+    # lowercases A-Z) is safe on any text, and one pass does all the ASCII rules
     return text.encode("utf-8").translate(table, _DELETE).decode("utf-8")
 
 
