@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import multiprocessing
 import os
@@ -274,11 +276,23 @@ def format_report(m: dict, positive: str, negative: str) -> str:
         "  confusion matrix:", *table])
 
 
+def _fresh_pages_for_large_allocations() -> None:
+    """fastText leaves part of a new model's weights unset and relies on that memory being zero.
+    Fresh pages from the OS are; memory reused from an earlier model of the same process is not
+    (glibc serves allocations below its dynamic mmap threshold, up to 32 MB, from freed heap), which
+    made repeated trainings differ and sometimes end in "Encountered NaN" (autotune trains many
+    models in one process). A fixed low threshold gives every weight matrix fresh zeroed pages."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if hasattr(libc, "mallopt"):             # glibc; other C libraries do not recycle this way
+        libc.mallopt(-3, 64 * 1024)          # M_MMAP_THRESHOLD
+
+
 def _train_in_child(train_file: str, kwargs: dict, quantize: bool, out_file: str) -> dict | None:
     """Runs in a fresh process: train (and quantize), save to out_file; the effective settings,
     or None when training diverged ("Encountered NaN")."""
     import fasttext
 
+    _fresh_pages_for_large_allocations()
     try:
         model = fasttext.train_supervised(input=train_file, verbose=0, **kwargs)
         if quantize:
@@ -296,10 +310,10 @@ def _train_in_child(train_file: str, kwargs: dict, quantize: bool, out_file: str
 def _fit(train_file: Path, kwargs: dict, quantize: bool, out_file: Path) -> dict:
     """Train into out_file; returns the settings used.
 
-    Each training runs in a freshly spawned process: fasttext-numpy2 occasionally produces NaN
-    ("Encountered NaN") when a process trains a second model after freeing the first, but never
-    in a fresh process. A run that still diverges is retried with another seed, then with a
-    smaller learning rate."""
+    Each training runs in a freshly spawned process, whose memory settings (see
+    `_fresh_pages_for_large_allocations`) make fastText's results reproducible without touching
+    the calling process (`curate demo` runs commands in-process). A run that diverges ("Encountered
+    NaN", a learning rate too high for the data) is retried with another seed, then a smaller rate."""
     ctx = multiprocessing.get_context("spawn")
     lr, seed = kwargs.get("lr"), kwargs.get("seed", 0)
     attempts = [{}, {"seed": seed + 1}] + ([{"lr": lr / 2, "seed": seed + 2}, {"lr": lr / 4, "seed": seed + 3}]

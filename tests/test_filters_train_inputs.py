@@ -118,3 +118,14 @@ def test_quantized_model_loads_and_scores(examples, tmp_path):
                            refit=False)
     model = load_classifier(tmp_path / "q.ftz", "ads")
     assert model.is_quantized() and res["metrics"]["f1"] > 0.5
+
+
+def test_autotune_with_validation_file(sample_dir, tmp_path):
+    rows = (sample_dir / "labels" / "ads.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:400]) + "\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(rows[400:600]) + "\n")
+    res = train_classifier("ads", tmp_path / "train.jsonl", tmp_path / "auto.bin", valid=tmp_path / "valid.jsonl",
+                           autotune=True, autotune_duration=5, threads=1)
+    assert res["valid_examples"] == 200 and res["metrics"]["f1"] > 0.9
+    assert {"lr", "epoch", "wordNgrams", "dim"} <= set(res["params"])
+    load_classifier(tmp_path / "auto.bin", "ads")
