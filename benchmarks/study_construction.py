@@ -191,7 +191,7 @@ def cmd_report(args) -> int:
         ax.set_xlabel("training tokens (M)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean held-out loss over domains")
-    axes[0].set_title("held-out loss (before conversion: dense)")
+    axes[0].set_title("held-out loss (dashed: the dense model)")
     axes[1].set_ylabel("training loss")
     axes[1].set_title("training loss")
     axes[1].set_ylim(top=min(12, max(loss for r in results for _, loss in r["train_loss"])))
