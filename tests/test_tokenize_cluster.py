@@ -5,21 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VENV_BIN, curate
+from conftest import VENV_BIN, curate, external_dask_cluster
 from test_tokenize_cli import write_kept
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same_output(a: Path, b: Path) -> None:
@@ -45,26 +38,9 @@ def corpus(sample_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_external_scheduler_equals_local(corpus, tmp_path):
     src, local = corpus
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(VENV_BIN / "dask")
-    log = (tmp_path / "dask.log").open("w")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=log, stderr=subprocess.STDOUT)]
-    try:
-        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT))
-        from distributed import Client
-        with Client(address, timeout="60s") as c:
-            c.wait_for_workers(1, timeout=60)
+    with external_dask_cluster(tmp_path, nworkers=1) as address:
         proc = curate("tokenize", src, "--tokenizer", local, "--out", tmp_path / "remote", "--scheduler", address)
         assert "1 worker(s)" in proc.stderr
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            p.wait(timeout=30)
-        log.close()
     # the remote run used `local` as a tokenizer directory: the same tokenizer.json, byte for byte
     same_output(local, tmp_path / "remote")
 
