@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _print_summary(out: Path, seconds: float) -> None:
         table.add_row(dom, str(d.get("docs_in", 0)), str(d.get("kept", 0)), str(removed.get("ads", 0)),
                       str(removed.get("disfluency", 0)), str(other), f"{t.get('train_tokens', 0):,}",
                       f"{w0.get(dom, 0):.3f}", f"{w1.get(dom, 0):.3f}")
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table)
     k = max(1, len(metrics) // 5)
     first = sum(m["loss"] for m in metrics[:k]) / k

@@ -14,6 +14,7 @@ disjoint experts score 0.311; the score is relative, for comparing layers and ch
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,6 @@ def run(args) -> int:
         load = report.load(layer)
         top = ", ".join(f"{d}:{int(load[i].argmax())}" for i, d in enumerate(report.domains))
         table.add_row(str(layer), f"{report.specialisation(layer):.4f}", top)
-    Console().print(table)
+    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
     print(f"wrote {out / 'routing.json'} and {png}")
     return 0
