@@ -292,7 +292,7 @@ def profile_moe(make, a, device) -> list[dict]:
             step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
     print(table)
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:25]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1

@@ -266,6 +266,46 @@ class _PermuteTokens(torch.autograd.Function):
         return grad.index_select(0, inverse).view(n, ctx.k, -1).sum(1), None, None, None
 
 
+class _UnpermuteSum(torch.autograd.Function):
+    """out[t] = sum_j ys[inverse[t*k + j]]: each token's k expert rows gathered back and summed.
+
+    The exact mirror of _PermuteTokens: one gather-and-reduce pass forward (no scatter into a [N*k, H]
+    buffer), and the backward is the permutation's gather. The routing weights are already applied
+    (see Experts.forward), so nothing here needs the [N, k, H] product kept for backward."""
+
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return ys.index_select(0, inverse).view(inverse.numel() // k, k, -1).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order // ctx.k), None, None, None
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = x @ w[e].T for the rows of each expert e (w: [E, out, in], bf16), through grouped_mm.
+
+    The weight gradient is computed as grad.T @ x, which comes out in w's own [E, out, in] layout;
+    autograd's default (x.T @ grad, then transposed) hands AccumulateGrad a transposed tensor that it
+    copies once more per weight and step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offs)
+        return _grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _grouped_mm(grad, w, offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = _grouped_mm(grad.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
 class Experts(nn.Module):
     """E SwiGLU experts as two stacked weight tensors (transformers' Mixtral layout)."""
 
@@ -280,19 +320,23 @@ class Experts(nn.Module):
         """x [N, H]; indices, weights [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)."""
         N, k = indices.shape
         # Sort the N*k (token, slot) pairs by expert; a stable sort keeps token order inside a group.
-        expert_sorted, order = torch.sort(indices.reshape(-1), stable=True)
+        # int32 keys: half the radix passes of int64.
+        expert_sorted, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # ends[e] = end of expert e's rows. A binary search in the sorted ids: no atomics, no host sync
         # (bincount would read its max back to the host).
-        ends = torch.searchsorted(expert_sorted, torch.arange(self.num_experts, device=x.device), right=True)
+        experts = torch.arange(self.num_experts, device=x.device, dtype=expert_sorted.dtype)
+        ends = torch.searchsorted(expert_sorted, experts, right=True)
         grouped = self._use_grouped(x, impl)
         if grouped:
             x = x.to(self._compute_dtype(x))  # permute in the GEMM dtype: half the bytes moved under autocast
         xs = _PermuteTokens.apply(x, order, inverse, k)
-        ys = self._grouped(xs, ends) if grouped else self._loop(xs, ends)
-        # Back to (token, slot) order: a conflict-free scatter whose backward is a gather.
-        y = ys.new_empty(ys.shape).index_copy(0, order, ys).view(N, k, -1)
-        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(1)
+        # Each sorted row's routing weight, applied to the down projection's input rather than its output:
+        # the projection is linear, so the result is the same, and the [N*k, I] activation is a quarter of
+        # the [N*k, H] output here, so the multiply fuses into the SwiGLU pass instead of a pass of its own.
+        ws = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        ys = self._grouped(xs, ws, ends) if grouped else self._loop(xs, ws, ends)
+        return _UnpermuteSum.apply(ys, order, inverse, k)
 
     def _use_grouped(self, x: torch.Tensor, impl: str) -> bool:
         if impl not in EXPERT_IMPLS:
@@ -311,23 +355,25 @@ class Experts(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _grouped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, xs: torch.Tensor, ws: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         dt = self._compute_dtype(xs)
         offs = ends.to(torch.int32)
-        h = _grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)
+        h = _GroupedLinear.apply(xs.to(dt), self.gate_up_proj.to(dt), offs)
         gate, up = h.chunk(2, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
+        act = (F.silu(gate) * up * ws).to(dt)
+        return _GroupedLinear.apply(act, self.down_proj.to(dt), offs)
 
-    def _loop(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def _loop(self, xs: torch.Tensor, ws: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The exact reference path: one expert at a time on its slice of the sorted tokens (what
         LLaMA-MoE does). Reads the group sizes to the host, so it is for CPU and for comparison."""
         outs = []
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+        sizes = counts.tolist()
+        for e, (chunk, w) in enumerate(zip(torch.split(xs, sizes), torch.split(ws, sizes))):
             if chunk.shape[0] == 0:
                 continue
             gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            outs.append(F.linear((F.silu(gate) * up * w).to(chunk.dtype), self.down_proj[e]))
         return torch.cat(outs) if outs else xs.new_zeros(0, self.hidden_size)
 
 
