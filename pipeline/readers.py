@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
+import orjson
 import zstandard
 
 from filters.errors import CurateError
@@ -214,6 +215,15 @@ def parse_line(raw: bytes, shard: Shard, line: int, dataset: DatasetManifest) ->
         return Record(rid, text, domain, shard.url, line, malformed=kind, nbytes=len(raw))
 
     raw = raw.rstrip(b"\r")
+    # Fast path: orjson parses the bytes (validating UTF-8) several times faster than json.loads.
+    # Anything it refuses goes through json below, which then decides exactly as it always has
+    # (json also accepts NaN, huge integers and lone surrogate escapes, which orjson does not).
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if type(obj) is dict:
+        return _document(obj, raw, rid, shard, line, dataset)
     try:
         s = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -227,26 +237,34 @@ def parse_line(raw: bytes, shard: Shard, line: int, dataset: DatasetManifest) ->
         return bad("bad_json", s, shard.dir_domain)
     if not isinstance(obj, dict):
         return bad("not_object", s, shard.dir_domain)
+    return _document(obj, raw, rid, shard, line, dataset)
+
+
+def _document(obj: dict, raw: bytes, rid: str, shard: Shard, line: int, dataset: DatasetManifest) -> Record:
+    """A parsed JSON object -> a document, or a malformed record (holding the line's text)."""
+
+    def bad(kind: str, domain: str | None = None) -> Record:
+        return Record(rid, raw.decode("utf-8"), domain, shard.url, line, malformed=kind, nbytes=len(raw))
 
     if dataset.domain_from == "directory":
         domain = shard.dir_domain
         if domain is None:
-            return bad("unknown_domain", s)
+            return bad("unknown_domain")
     else:
         raw_domain = _lookup(obj, dataset.domain_field)
         if raw_domain is None:
-            return bad("missing_domain", s)
+            return bad("missing_domain")
         domain = dataset.domain_of(raw_domain)
         if domain is None:
-            return bad("unknown_domain", s)
+            return bad("unknown_domain")
 
     text = _lookup(obj, dataset.text_field)
     if text is None:
-        return bad("missing_text", s, domain)
+        return bad("missing_text", domain)
     if not isinstance(text, str):
-        return bad("text_not_string", s, domain)
+        return bad("text_not_string", domain)
     if not text.strip():
-        return bad("empty_text", s, domain)
+        return bad("empty_text", domain)
     return Record(rid, text, domain, shard.url, line, nbytes=len(raw))
 
 

@@ -89,9 +89,9 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
         if not batch:
             return
         scores, reasons = score_batch(chain, [r.text for r in batch], [r.domain for r in batch], columns)
-        for i, rec in enumerate(batch):
-            out.add(rec, {c: v[i] for c, v in scores.items()}, reasons[i])
-            tally.count(rec.domain, reasons[i])
+        out.add_batch(batch, scores, reasons)
+        for rec, reason in zip(batch, reasons):
+            tally.count(rec.domain, reason)
         batch.clear()
         batch_bytes = 0
 

@@ -1,7 +1,7 @@
 """Streaming, atomic Parquet output of one shard.
 
     out = ShardOutput(out_dir, shard_id, score_columns=("ad_score", "perplexity", ...))
-    out.add(records, scores, reasons)     # any number of times; row groups are flushed as they fill
+    out.add_batch(records, scores, reasons)   # any number of times; row groups are flushed as they fill
     paths = out.commit()                  # rename temporaries into place, drop stale files
 
 Kept documents go to `kept/<domain>/<shard-id>.parquet` (one file per domain the shard has),
@@ -11,12 +11,12 @@ never sees a half-written file. Temporary names end in `.tmp` and start with a d
 """
 from __future__ import annotations
 
-import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -85,22 +85,26 @@ class ParquetSink:
                                        use_dictionary=[c for c in ("domain", "source", "reason") if c in schema.names],
                                        write_statistics=small)
         self.rows = 0
-        self._buf: dict[str, list] = {f.name: [] for f in schema}
+        self._buf: list[pa.RecordBatch] = []
+        self._buf_rows = 0
         self.buffered_bytes = 0
 
-    def append(self, row: dict) -> None:
-        for name, col in self._buf.items():
-            col.append(row.get(name))
-        self.buffered_bytes += len(row["text"])
-        self.rows += 1
-        if len(self._buf["id"]) >= ROW_GROUP_ROWS:
+    def append(self, batch: pa.RecordBatch, text_bytes: int) -> None:
+        """Rows as one Arrow batch in this file's schema; `text_bytes` counts toward the buffer."""
+        self._buf.append(batch)
+        self._buf_rows += batch.num_rows
+        self.buffered_bytes += text_bytes
+        self.rows += batch.num_rows
+        if self._buf_rows >= ROW_GROUP_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        if self._buf["id"]:
-            self.writer.write_table(pa.Table.from_pydict(self._buf, schema=self.schema))
-            for col in self._buf.values():
-                col.clear()
+        if self._buf:
+            # one row group per flush (ROW_GROUP_ROWS plus at most one batch)
+            table = pa.Table.from_batches(self._buf, schema=self.schema)
+            self.writer.write_table(table, row_group_size=table.num_rows)
+            self._buf.clear()
+            self._buf_rows = 0
             self.buffered_bytes = 0
             # Arrow's allocator (mimalloc) otherwise keeps the freed row-group buffers and RSS
             # creeps up over a long shard; returning them keeps a worker's footprint flat
@@ -115,10 +119,6 @@ class ParquetSink:
     def abort(self) -> None:
         self.writer.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _score(v: float) -> float | None:
-    return None if v is None or math.isnan(v) else float(v)
 
 
 class ShardOutput:
@@ -140,20 +140,46 @@ class ShardOutput:
 
     def add(self, rec, scores: dict[str, float], reason: str | None) -> None:
         """One record (a readers.Record) with its scores; reason None means kept."""
-        row = {"id": rec.id, "text": rec.text, "domain": rec.domain, "source": rec.source, "line": rec.line}
-        for c in self.scores:
-            row[c] = _score(scores.get(c))
-        if reason is None:
-            sink = self.kept.get(rec.domain)
+        self.add_batch([rec], {c: np.array([v], dtype=np.float64) for c, v in scores.items()}, [reason])
+
+    def add_batch(self, records: Sequence, scores: Mapping[str, np.ndarray], reasons: Sequence[str | None]) -> None:
+        """Records (readers.Record) with their score columns (float64 per record, NaN = not
+        scored, written as null) and reasons (None = kept). Rows are grouped by output file and
+        each group becomes one Arrow batch, column by column: no per-row dicts."""
+        kept: dict[str, list[int]] = {}
+        rejected: list[int] = []
+        for i, (rec, reason) in enumerate(zip(records, reasons)):
+            if reason is None:
+                kept.setdefault(rec.domain, []).append(i)
+            else:
+                rejected.append(i)
+        for domain, rows in kept.items():
+            sink = self.kept.get(domain)
             if sink is None:
-                sink = self.kept[rec.domain] = ParquetSink(self.kept_path(rec.domain), self.kept_schema)
-        else:
-            row["reason"] = reason
+                sink = self.kept[domain] = ParquetSink(self.kept_path(domain), self.kept_schema)
+            self._append(sink, records, scores, rows, None)
+        if rejected:
             if self.rejected is None:
                 self.rejected = ParquetSink(self.rejected_path(), self.rejected_schema)
-            sink = self.rejected
+            self._append(self.rejected, records, scores, rejected, reasons)
+
+    def _append(self, sink: ParquetSink, records: Sequence, scores: Mapping[str, np.ndarray], rows: list[int],
+                reasons: Sequence[str | None] | None) -> None:
+        recs = [records[i] for i in rows]
+        texts = [r.text for r in recs]
+        columns = [pa.array([r.id for r in recs], pa.string()), pa.array(texts, pa.string()),
+                   pa.array([r.domain for r in recs], pa.string()), pa.array([r.source for r in recs], pa.string()),
+                   pa.array([r.line for r in recs], pa.int64())]
+        for c in self.scores:
+            v = scores.get(c)
+            # from_pandas: NaN (not scored) becomes null, as readers of the output expect
+            columns.append(pa.nulls(len(rows), pa.float64()) if v is None
+                           else pa.array(np.asarray(v, dtype=np.float64)[rows], from_pandas=True))
+        if reasons is not None:
+            columns.append(pa.array([reasons[i] for i in rows], pa.string()))
+        nbytes = sum(map(len, texts))
         before = sink.buffered_bytes
-        sink.append(row)
+        sink.append(pa.RecordBatch.from_arrays(columns, schema=sink.schema), nbytes)
         self._buffered += sink.buffered_bytes - before
         if self._buffered > SHARD_BUFFER_BYTES:
             largest = max(self._sinks(), key=lambda s: s.buffered_bytes)
