@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import VENV_BIN, curate
+from conftest import VENV_BIN, curate, external_dask_cluster
 
 from pipeline.manifest import adds_up
 
@@ -181,26 +180,10 @@ def many_small_docs(tmp_path: Path, shards: int = 16, docs: int = 30000) -> tupl
     return corpus, kept
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_external_dask_cluster_gives_the_local_result(sample_dir, tmp_path):
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(VENV_BIN / "dask")
-    log = (tmp_path / "dask.log").open("w")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=log, stderr=subprocess.STDOUT)]
-    try:
-        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "2", "--nthreads", "1",
-                                       "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT))
+    with external_dask_cluster(tmp_path, nworkers=2) as address:
         from distributed import Client
 
-        with Client(address, timeout="60s") as c:
-            c.wait_for_workers(2, timeout=60)
         cfg = write_cfg(tmp_path)
         curate("filter", sample_dir / "train", "--out", tmp_path / "remote", "--config", cfg, "--scheduler", address)
         curate("filter", sample_dir / "train", "--out", tmp_path / "local", "--config", cfg, "--workers", 2)
@@ -225,12 +208,6 @@ def test_external_dask_cluster_gives_the_local_result(sample_dir, tmp_path):
         assert len(list((out / "shards").glob("*.json"))) < 16, "the run finished before the kill"
         log_text, _ = run.communicate(timeout=300)
         assert run.returncode == 0, log_text
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            p.wait(timeout=30)
-        log.close()
     got = ids(out)
     assert len(got) == len(set(got)) and sorted(got) == sorted(expected)
     assert manifest(out)["totals"]["docs_in"] == 16 * 30000 and not leftovers(out)
