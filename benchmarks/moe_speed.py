@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {','.join(ALL_VARIANTS)}")
     p.add_argument("--no-compile", action="store_true", help="run our models eagerly")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for every variant's blocks, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--no-layer", action="store_true", help="skip the single-layer timing")
     p.add_argument("--profile", action="store_true", help="also profile moe-grouped and print the top kernels")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100 SXM, 756 PCIe)")
@@ -206,7 +207,7 @@ def time_layer(kind: str, mcfg: ModelConfig, a, device) -> dict:
     layer.to(device).train()
     run = layer
     if not a.no_compile and kind in ("dense-matched", "moe-grouped"):
-        run = torch.compile(layer)
+        run = torch.compile(layer, mode=a.compile_mode)
     x = torch.randn(a.batch, a.seq, H, device=device, requires_grad=True)
     t0 = None
     if device.type == "cuda":
@@ -274,7 +275,7 @@ def profile_moe(make, a, device) -> list[dict]:
     model.to(device).train()
     if not a.no_compile:
         for block in model.layers:
-            block.compile()
+            block.compile(mode=a.compile_mode)
     seq = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device=device)
 
     def step():
@@ -292,7 +293,7 @@ def profile_moe(make, a, device) -> list[dict]:
             step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=70, max_name_column_width=70)
     print(table)
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:25]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
@@ -352,7 +353,7 @@ def main(argv=None) -> int:
         model, cfg, is_hf = builders[name]()
         if not is_hf and not a.no_compile:  # moe-loop too: its per-layer sync splits the graph, the rest compiles
             for block in model.layers:
-                block.compile()
+                block.compile(mode=a.compile_mode)
         try:
             r = time_training(model, cfg, is_hf, a, device)
         except torch.OutOfMemoryError as e:
