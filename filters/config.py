@@ -46,11 +46,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from filters.base import DocumentFilter, LengthFilter
 from filters.calibrate import domain_thresholds, per_domain, removes
 from filters.errors import CurateError
+from filters.files import read_yaml
 
 PerDomain = float | dict[str, float]        # one number, or {domain: number, "default": number}
 DEFAULT_DISFLUENCY_DROP = 0.15
@@ -263,12 +263,7 @@ def load_filter_config(path: str | Path | None) -> FilterConfig:
     if path is None:
         return FilterConfig()
     p = Path(path)
-    if not p.is_file():
-        raise CurateError(f"filter config {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise CurateError(f"filter config {p} is not valid YAML: {e}") from e
+    raw = read_yaml(p, "filter config")
     cfg = parse_filter_config(raw, where=str(p))
     cfg.source = str(p.resolve())      # absolute, so workers resolve model paths the same way
     return cfg

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from filters.errors import CurateError
+from filters.files import read_yaml
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
 
@@ -39,12 +38,7 @@ def load_dataset_manifest(path: str | Path | None = None) -> DatasetManifest:
     p = Path(path) if path else MANIFEST_DIR / "slimpajama.yaml"
     if not p.exists() and not p.suffix and (MANIFEST_DIR / f"{p}.yaml").exists():
         p = MANIFEST_DIR / f"{p}.yaml"      # allow a bare name such as "slimpajama"
-    if not p.exists():
-        raise CurateError(f"dataset manifest {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise CurateError(f"dataset manifest {p} is not valid YAML: {e}") from e
+    raw = read_yaml(p, "dataset manifest")
     doms = raw.get("domains") if isinstance(raw, dict) else None
     if not isinstance(doms, dict) or not doms:
         raise CurateError(f"dataset manifest {p}: 'domains' must be a mapping of domain name -> settings")

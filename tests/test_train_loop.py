@@ -13,11 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
-import zstandard
 
 from conftest import VENV_BIN, curate
 from trainer.config import load_train_config, write_train_config
@@ -31,21 +28,10 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 def tokdir(sample_dir, tmp_path_factory) -> Path:
     """The sample's documents as a filter output (kept/<domain>/*.parquet, every document kept: the
     filters are tested elsewhere), tokenized by `curate tokenize` with a small trained BPE."""
-    from pipeline.domains import load_dataset_manifest
+    from test_tokenize_cli import write_kept
 
     root = tmp_path_factory.mktemp("train-data")
-    manifest = load_dataset_manifest()
-    rows: dict[str, list[dict]] = {}
-    for shard in sorted((sample_dir / "train").rglob("*.jsonl.zst")):
-        with open(shard, "rb") as f:
-            text = zstandard.ZstdDecompressor().stream_reader(f).read().decode()
-        for i, line in enumerate(text.splitlines()):
-            doc = json.loads(line)
-            domain = manifest.domain_of(doc["meta"]["redpajama_set_name"])
-            rows.setdefault(domain, []).append({"id": f"{shard.name}:{i}", "text": doc["text"]})
-    for domain, docs in rows.items():
-        (root / "filtered" / "kept" / domain).mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(docs), root / "filtered" / "kept" / domain / "s0.parquet")
+    write_kept(sample_dir / "train" / "chunk1", root / "filtered")
     curate("tokenize", root / "filtered", "--tokenizer", "train:512", "--out", root / "tokens",
            "--eval-tokens", "4096", "--workers", "1", env=ENV)
     return root / "tokens"

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from filters.errors import CurateError
+from filters.files import read_yaml
 
 CONVERT_METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
 
@@ -255,12 +256,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     """Read, resolve and validate a TRAIN.yaml. `overrides` maps dotted keys (`train.max_steps`) to
     values applied before validation (the command-line flags)."""
     p = Path(path)
-    if not p.is_file():
-        raise CurateError(f"training config {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise CurateError(f"training config {p} is not valid YAML: {e}") from e
+    raw = read_yaml(p, "training config")
     if not isinstance(raw, dict):
         raise CurateError(f"training config {p} must be a mapping with sections model, data, sampler, optim, train")
     for dotted, value in (overrides or {}).items():
