@@ -59,7 +59,11 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
         with dask.config.set(_local_cluster_config()):
             cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                dashboard_address=":0", silence_logs=logging.ERROR)
-        client = distributed.Client(cluster)
+        try:
+            client = distributed.Client(cluster)
+        except BaseException:
+            cluster.close()          # otherwise its worker processes outlive us
+            raise
     try:
         if not quiet:
             nw = len(client.scheduler_info().get("workers", {}))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ import zstandard
 
 from filters.errors import CurateError
 from pipeline.domains import load_dataset_manifest
+from pipeline.writers import write_atomic
 
 # Share of each domain's documents planted as advertisements / disfluent text. Web text carries
 # most ads in the real corpus, so CommonCrawl and C4 get far more than curated sources.
@@ -447,12 +447,6 @@ def _documents(rng: random.Random, domain: str, n: int) -> list[tuple[str, str |
     return docs
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
 
@@ -503,7 +497,7 @@ def write_sample(out: Path, seed: int = 0, docs_per_domain: int = 600, shards: i
     chunk.mkdir(parents=True, exist_ok=True)
     cctx = zstandard.ZstdCompressor(level=3)
     for k in range(shards):
-        _write_atomic(chunk / f"example_train_{k}.jsonl.zst", cctx.compress(_jsonl(docs[k::shards])))
+        write_atomic(chunk / f"example_train_{k}.jsonl.zst", cctx.compress(_jsonl(docs[k::shards])))
 
     seen = {doc["text"] for doc in docs}
     labels = out / "labels"
@@ -513,8 +507,8 @@ def write_sample(out: Path, seed: int = 0, docs_per_domain: int = 600, shards: i
     for task in ("ads", "fluency"):
         rows = _label_rows(streams[task], manifest.domains, per_domain, seen, task)
         n_valid = len(rows) // 5
-        _write_atomic(labels / f"{task}.jsonl", _jsonl(rows[n_valid:]))
-        _write_atomic(labels / f"{task}.valid.jsonl", _jsonl(rows[:n_valid]))
+        write_atomic(labels / f"{task}.jsonl", _jsonl(rows[n_valid:]))
+        write_atomic(labels / f"{task}.valid.jsonl", _jsonl(rows[:n_valid]))
         label_counts[task] = {"train": dict(sorted(Counter(r["label"] for r in rows[n_valid:]).items())),
                               "valid": dict(sorted(Counter(r["label"] for r in rows[:n_valid]).items()))}
 
@@ -526,7 +520,7 @@ def write_sample(out: Path, seed: int = 0, docs_per_domain: int = 600, shards: i
             text = DOMAIN_WRITERS[d](w)
             if text not in seen:
                 lines += [ln.strip() for ln in text.split("\n") if ln.strip()]
-    _write_atomic(out / "lm.txt", ("\n".join(lines) + "\n").encode())
+    write_atomic(out / "lm.txt", ("\n".join(lines) + "\n").encode())
 
     by_domain = {}
     for d in manifest.domains:
@@ -543,7 +537,7 @@ def write_sample(out: Path, seed: int = 0, docs_per_domain: int = 600, shards: i
         "files": {"shards": "train/chunk1/*.jsonl.zst", "ads": "labels/ads.jsonl", "ads_valid": "labels/ads.valid.jsonl",
                   "fluency": "labels/fluency.jsonl", "fluency_valid": "labels/fluency.valid.jsonl", "lm": "lm.txt"},
     }
-    _write_atomic(out / "sample.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_atomic(out / "sample.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from filters.errors import CurateError
+from pipeline.manifest import write_json
 from pipeline.writers import remove_temporaries, temporary_path, write_atomic
 
 FORMAT_VERSION = 1
@@ -257,7 +258,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
                        "tokens_tokenized": new_tokens, "seconds": round(seconds, 3),
                        "encode_seconds": None if encode_seconds is None else round(encode_seconds, 3),
                        "tokens_per_s": round(new_tokens / encode_seconds, 1) if encode_seconds else None}
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -312,7 +313,7 @@ def _trained_tokenizer(inputs, vocab: int, out: Path, log):
     log(f"tokenize: training a byte-level BPE with vocab {vocab} on {len(inputs)} file(s)")
     tok = train_bpe(iter_texts([p for _, _, p in inputs]), vocab)
     tok.save(out)
-    _write_json(stamp, {"vocab_size": vocab, "inputs": fingerprint})
+    write_json(stamp, {"vocab_size": vocab, "inputs": fingerprint})
     return tok
 
 
@@ -397,7 +398,7 @@ def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: 
     os.replace(tmp, eval_bin)
     del maps
     _save_npy(out / "eval" / f"{domain}.idx.npy", np.asarray(eval_offsets, dtype=np.int64))
-    _write_json(out / "eval" / f"{domain}.ids.json", eval_ids)
+    write_json(out / "eval" / f"{domain}.ids.json", eval_ids)
 
     # training segments: every shard's tokens minus the held-out ranges, in shard order
     segments, entries = [], []
@@ -450,7 +451,3 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, arr)
     os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

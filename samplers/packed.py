@@ -118,12 +118,6 @@ class PackedTokens:
         idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
         return data[idx].astype(np.int64)
 
-    def eval_documents(self, domain: str) -> list[np.ndarray]:
-        """The evaluation documents' tokens (with separators), one array each."""
-        data = self._eval_map(domain)
-        offsets = np.load(self.root / "eval" / f"{domain}.idx.npy")
-        return [np.asarray(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-
     def shard_documents(self, domain: str, shard: str) -> list[np.ndarray]:
         """All documents of one shard (training and evaluation), in input order."""
         entries = {e["id"]: i for i, e in enumerate(self._info(domain)["shards"])}
