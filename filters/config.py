@@ -230,6 +230,15 @@ def _parse_disfluency(sec: dict, where: str) -> DisfluencyConfig:
         drop_fraction=drop, calibrated=sec.get("calibrated"))
 
 
+def _check_ints(section, prefix: str, minimum: int, where: str) -> None:
+    """Every field of a section dataclass must be an integer >= minimum, 0 or 1 (bools are not integers here)."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            kind = "non-negative" if minimum == 0 else "positive"
+            raise CurateError(f"{where}: {prefix}{f.name} must be a {kind} integer, got {v!r}")
+
+
 def parse_filter_config(raw: dict | None, where: str = "filter config") -> FilterConfig:
     raw = raw or {}
     if not isinstance(raw, dict):
@@ -238,20 +247,14 @@ def parse_filter_config(raw: dict | None, where: str = "filter config") -> Filte
     length = _section(raw, "length", where) or {}
     _check_keys("length.", length, {"min_chars", "min_words"}, where)
     lc = LengthConfig(**length)
-    for k in ("min_chars", "min_words"):
-        v = getattr(lc, k)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise CurateError(f"{where}: length.{k} must be a non-negative integer, got {v!r}")
+    _check_ints(lc, "length.", 0, where)
     bs = raw.get("batch_size", 1024)
     if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
         raise CurateError(f"{where}: batch_size must be a positive integer, got {bs!r}")
     cal = _section(raw, "calibration", where) or {}
     _check_keys("calibration.", cal, {"max_docs", "max_shards"}, where)
     cc = CalibrationConfig(**cal)
-    for k in ("max_docs", "max_shards"):
-        v = getattr(cc, k)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise CurateError(f"{where}: calibration.{k} must be a positive integer, got {v!r}")
+    _check_ints(cc, "calibration.", 1, where)
     ads = _section(raw, "ads", where)
     dis = _section(raw, "disfluency", where)
     return FilterConfig(length=lc, ads=None if ads is None else _parse_ads(ads, where),

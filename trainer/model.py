@@ -10,14 +10,14 @@ is the mean cross-entropy of logits[b, t] against labels[b, t] over positions wh
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from filters.errors import CurateError
-from trainer.moe import MLP, MoEConfig, MoELayer
+from trainer.moe import MLP, MoEConfig, MoELayer, check_keys
 
 IGNORE_INDEX = -100
 
@@ -74,16 +74,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "model config") -> "ModelConfig":
-        if not isinstance(raw, dict):
-            raise CurateError(f"{where}: expected a mapping of model settings")
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise CurateError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [k for k in required if k not in raw]
-        if missing:
-            raise CurateError(f"{where}: missing key(s) {', '.join(missing)}")
+        check_keys(cls, raw, where)
         raw = dict(raw)
         if raw.get("moe") is not None:
             raw["moe"] = MoEConfig.from_dict(raw["moe"], where)

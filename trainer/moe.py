@@ -18,7 +18,7 @@ layer never stalls the CPU and the whole block compiles into one graph.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,21 @@ EXPERT_IMPLS = ("auto", "grouped", "loop")
 
 # torch >= 2.10 has the public name; 2.8/2.9 only the private op with the same arguments.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def check_keys(cls, raw: object, where: str, prefix: str = "") -> None:
+    """`raw` must be a mapping holding every required field of dataclass `cls` and no unknown key."""
+    if not isinstance(raw, dict):
+        raise CurateError(f"{where}: expected a mapping" + (f" for {prefix.rstrip('.')}" if prefix else ""))
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise CurateError(f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [prefix + k for k in required if k not in raw]
+    if missing:
+        raise CurateError(f"{where}: missing key(s) {', '.join(missing)}")
 
 
 @dataclass
@@ -93,15 +108,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "moe config") -> "MoEConfig":
-        if not isinstance(raw, dict):
-            raise CurateError(f"{where}: 'moe' must be a mapping")
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise CurateError(f"{where}: unknown key(s) moe.{', moe.'.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        missing = [k for k in ("num_experts", "top_k", "expert_size") if k not in raw]
-        if missing:
-            raise CurateError(f"{where}: missing key(s) moe.{', moe.'.join(missing)}")
+        check_keys(cls, raw, where, prefix="moe.")
         return cls(**raw)
 
 
