@@ -162,21 +162,26 @@ def curate(*args) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "curate"), *map(str, args)], check=True, capture_output=True, text=True)
 
 
-def prepare(work: Path, mb: float) -> tuple[Path, Path, dict]:
+def prepare(work: Path, mb: float, layout: str) -> tuple[Path, Path, dict]:
     import zstandard
 
-    corpus, models = work / "corpus", work / "models"
+    corpus, models = work / ("corpus" if layout == "sample" else f"corpus-{layout}"), work / "models"
     shards = sorted(glob.glob(f"{SAMPLE}/train/*/*.jsonl.zst"))
     raw = {f: zstandard.ZstdDecompressor().stream_reader(open(f, "rb")).read() for f in shards}
     text_mb = sum(len(json.loads(line)["text"].encode()) for b in raw.values() for line in b.splitlines()) / 1e6
     reps = math.ceil(mb / text_mb)
-    if not (corpus / ".done").exists() or len(list(corpus.glob("*.jsonl.zst"))) != reps * len(shards):
+    n_files = reps * len(shards) if layout == "sample" else len(shards)
+    if not (corpus / ".done").exists() or len(list(corpus.glob("*.jsonl.zst"))) != n_files:
         shutil.rmtree(corpus, ignore_errors=True)
         corpus.mkdir(parents=True)
         for f, b in raw.items():
-            data = zstandard.ZstdCompressor(level=3).compress(b)
-            for r in range(reps):
-                (corpus / f"{Path(f).name.removesuffix('.jsonl.zst')}_r{r:03d}.jsonl.zst").write_bytes(data)
+            stem = Path(f).name.removesuffix(".jsonl.zst")
+            if layout == "sample":       # each replica its own small shard
+                data = zstandard.ZstdCompressor(level=3).compress(b)
+                for r in range(reps):
+                    (corpus / f"{stem}_r{r:03d}.jsonl.zst").write_bytes(data)
+            else:                        # the replicas of a shard in one file, as big as SlimPajama's chunks
+                (corpus / f"{stem}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(b * reps))
         (corpus / ".done").touch()
     models.mkdir(parents=True, exist_ok=True)
     if not (models / "ads.bin").exists():
@@ -189,7 +194,8 @@ def prepare(work: Path, mb: float) -> tuple[Path, Path, dict]:
         (work / "prose.txt").write_text("\n".join(prose) + "\n")
         curate("train-lm", "--text", work / "prose.txt", "--order", "5", "--out", models / "lm.bin")
     info = {"text_mb": text_mb * reps, "jsonl_mb": sum(len(b) for b in raw.values()) * reps / 1e6,
-            "shards": reps * len(shards), "reps": reps,
+            "shards": n_files, "reps": reps,
+            "shard_zst_mb": sum(p.stat().st_size for p in corpus.glob("*.jsonl.zst")) / n_files / 1e6,
             "ads_model_mb": (models / "ads.bin").stat().st_size / 1e6,
             "lm_model_mb": (models / "lm.bin").stat().st_size / 1e6}
     return corpus, models, info
@@ -217,7 +223,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=200, help="MB of document text at least (default 200)")
     ap.add_argument("--work", default="/tmp/filter-bench", help="scratch folder (corpus, models, outputs)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "filters.md"))
+    ap.add_argument("--layout", choices=("sample", "slimpajama"), default="sample",
+                    help="sample: every replica of a sample shard is a shard of its own (1.9 MB of JSONL, "
+                         "so many small tasks); slimpajama: the replicas of each sample shard in one file, "
+                         "4 shards of 10-30 MB compressed, the size of SlimPajama's chunk files (15 MB on average)")
+    ap.add_argument("--out", help="results file (default benchmarks/results/filters.md, or filters_LAYOUT.md)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--datatrove", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -236,7 +246,10 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    corpus, models, info = prepare(work, args.mb)
+    corpus, models, info = prepare(work, args.mb, args.layout)
+    if args.out is None:
+        name = "filters.md" if args.layout == "sample" else f"filters_{args.layout}.md"
+        args.out = str(ROOT / "benchmarks" / "results" / name)
     print(f"corpus: {info['shards']} shards, {info['text_mb']:.1f} MB of text; ads model {info['ads_model_mb']:.0f} MB",
           flush=True)
     (work / "ads.yaml").write_text(f"ads: {{model: {models}/ads.bin, threshold: 0.5}}\n")
@@ -244,17 +257,17 @@ def main() -> int:
                                      f"disfluency: {{kenlm: {models}/lm.bin, max_perplexity: 100000}}\n")
 
     results = {}
-    for name, cmd in [
-        ("curate filter (ads)", [str(BIN / "curate"), "filter", str(corpus), "--out", str(work / "ours"),
-                                 "--config", str(work / "ads.yaml"), "--workers", "1", "--no-progress", "--force"]),
-        ("datatrove (ads)", [sys.executable, __file__, "--datatrove", "--corpus", str(corpus), "--models", str(models),
+    for name, out, cmd in [
+        ("curate filter (ads)", "ours", [str(BIN / "curate"), "filter", str(corpus), "--out", str(work / "ours"),
+                                 "--config", str(work / "ads.yaml"), "--workers", "1", "--no-progress"]),
+        ("datatrove (ads)", "datatrove", [sys.executable, __file__, "--datatrove", "--corpus", str(corpus), "--models", str(models),
                              "--dt-out", str(work / "datatrove")]),
-        ("curate filter (ads + KenLM)", [str(BIN / "curate"), "filter", str(corpus), "--out", str(work / "chain"),
-                                         "--config", str(work / "chain.yaml"), "--workers", "1", "--no-progress",
-                                         "--force"]),
+        ("curate filter (ads + KenLM)", "chain", [str(BIN / "curate"), "filter", str(corpus), "--out", str(work / "chain"),
+                                         "--config", str(work / "chain.yaml"), "--workers", "1", "--no-progress"]),
     ]:
-        shutil.rmtree(work / "datatrove", ignore_errors=True)
-        shutil.rmtree(work / "datatrove-logs", ignore_errors=True)
+        # every tool writes into a fresh folder (replacing earlier files costs ext4 a forced flush)
+        for d in (out, f"{out}-logs"):
+            shutil.rmtree(work / d, ignore_errors=True)
         results[name] = timed(cmd)
         print(f"{name}: {results[name]['wall']:.1f} s wall, {results[name]['cpu']:.1f} s CPU", flush=True)
     parts = {}
@@ -266,7 +279,7 @@ def main() -> int:
     two = work / "two"
     shutil.rmtree(two, ignore_errors=True)
     two.mkdir()
-    for f in sorted(corpus.glob("*_r000.jsonl.zst"))[:2]:
+    for f in sorted(glob.glob(f"{SAMPLE}/train/*/*.jsonl.zst"))[:2]:
         os.symlink(f, two / f.name)
     (work / "ads1.yaml").write_text(f"ads: {{model: {models}/ads.bin, threshold: 0.5}}\nbatch_size: 1\n")
     curate("filter", two, "--out", work / "unbatched", "--config", work / "ads1.yaml", "--no-progress", "--force")
@@ -296,8 +309,9 @@ def main() -> int:
     lines = [
         "# Filters: `curate filter` (ads classifier) vs datatrove, and the chain vs its parts",
         "",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Script: `benchmarks/filter_vs_datatrove.py --mb {args.mb:g}`.",
-        f"Corpus: ../shared/data/redpajama-sample replicated {info['reps']}x = {info['shards']} shards, "
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Script: `benchmarks/filter_vs_datatrove.py --mb {args.mb:g} --layout {args.layout}`.",
+        f"Corpus (`--layout {args.layout}`): ../shared/data/redpajama-sample replicated {info['reps']}x = {info['shards']} "
+        f"shards of {info['shard_zst_mb']:.1f} MB compressed on average, "
         f"{mb:.1f} MB of document text ({info['jsonl_mb']:.1f} MB of JSONL, {totals['docs_in']} documents; "
         f"the ads filter kept {totals['kept']}, curate writes kept and rejected documents, datatrove only kept ones). "
         f"Ads model: `curate train-classifier --task ads` defaults on `curate sample` labels ({info['ads_model_mb']:.0f} MB); "

@@ -18,10 +18,10 @@ the per-character rules, cached per run because the same words repeat.
 """
 from __future__ import annotations
 
-import functools
-import re
 import unicodedata
 from collections.abc import Iterable
+
+import numpy as np
 
 # Unicode punctuation that NFKD leaves alone, mapped to ASCII (the idea of cc_net's table).
 _PUNCT = {
@@ -41,8 +41,6 @@ _DELETE = bytes(c for c in range(32) if c not in b"\t\n\r\x0b\x0c") + b"\x7f"
 _KEEP_NEWLINES = bytes.maketrans(_UPPER + _DIGITS + _SPACES, _LOWER + b"0" * 10 + b" " * len(_SPACES))
 _ONE_LINE = bytes.maketrans(_UPPER + _DIGITS + _SPACES + b"\n", _LOWER + b"0" * 10 + b" " * (len(_SPACES) + 1))
 
-_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
-
 
 def _fold_char(ch: str) -> str:
     cat = unicodedata.category(ch)
@@ -55,7 +53,6 @@ def _fold_char(ch: str) -> str:
     return ch
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _fold_run(run: str) -> str:
     """A run of non-ASCII characters (a word of Cyrillic, an accented letter) through the rules."""
     run = unicodedata.normalize("NFKD", "".join(_PUNCT.get(c, c) for c in run.lower()))
@@ -63,16 +60,40 @@ def _fold_run(run: str) -> str:
     return "".join(map(_fold_char, run)).lower()
 
 
-def _fold_non_ascii(m: re.Match) -> str:
-    return _fold_run(m.group())
+class _FoldedRuns(dict):
+    """UTF-8 bytes of a non-ASCII run -> UTF-8 bytes of its folded form, computed on first sight
+    (the same runs, curly quotes, dashes, accented words, recur in nearly every document).
+    Bounded, so that a corpus of ever-new runs (CJK text) does not grow it without limit."""
+
+    LIMIT = 1 << 16
+
+    def __missing__(self, run: bytes) -> bytes:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        folded = self[run] = _fold_run(run.decode("utf-8", "surrogatepass")).encode("utf-8")
+        return folded
+
+
+_FOLDED = _FoldedRuns()
 
 
 def _normalize(text: str, table: bytes) -> str:
+    # surrogatepass: a lone surrogate (possible in JSON text) becomes a high-byte run like any
+    # other non-ASCII character, and folding removes it
+    data = text.encode("utf-8", "surrogatepass")
     if not text.isascii():
-        text = _NON_ASCII.sub(_fold_non_ascii, text)
+        # In UTF-8 every byte of a non-ASCII character is >= 0x80 and every ASCII byte is below,
+        # so the runs of high bytes are exactly the runs of non-ASCII characters. Finding them
+        # with numpy is about twice as fast as a regex over the str.
+        high = np.frombuffer(data, np.uint8) >= 0x80
+        cuts = [0, *(np.flatnonzero(high[1:] != high[:-1]) + 1).tolist(), len(data)]
+        pieces = [data[i:j] for i, j in zip(cuts, cuts[1:])]
+        first = 0 if high[0] else 1           # pieces alternate ASCII / non-ASCII
+        pieces[first::2] = map(_FOLDED.__getitem__, pieces[first::2])
+        data = b"".join(pieces)
     # every byte below 0x80 in UTF-8 is an ASCII character, so the byte table (which also
     # lowercases A-Z) is safe on any text, and one pass does all the ASCII rules
-    return text.encode("utf-8").translate(table, _DELETE).decode("utf-8")
+    return data.translate(table, _DELETE).decode("utf-8")
 
 
 def normalize_text(text: str) -> str:

@@ -44,7 +44,7 @@ def sample_shards(shards: list[Shard], max_shards: int) -> list[Shard]:
     return [shards[i] for i in picks]
 
 
-def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int) -> dict:
+def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int, chain_key: str) -> dict:
     """Runs on a worker: the first `limit` documents of a shard, their domains and every score the
     chain's models give (NaN where a model does not score a document). Documents the rule-based
     filters (length) reject are left out: the models never see them in the run either."""
@@ -58,7 +58,7 @@ def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limi
                     break
     except ShardReadError:
         pass            # a broken shard still gives the documents read before the break
-    chain = worker_chain(cfg, "calibration-" + cfg.config_hash())
+    chain = worker_chain(cfg, chain_key)
     alive = np.arange(len(texts))
     for f in chain:
         if not hasattr(f, "score"):         # a rule, not a model: apply it
@@ -111,8 +111,9 @@ def _summary(before: FilterConfig, after: FilterConfig) -> str:
 
 
 def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, client,
-            cache: str | Path | None = None) -> FilterConfig:
-    """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none)."""
+            cache: str | Path | None = None, chain_key: str = "calibration") -> FilterConfig:
+    """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none).
+    `chain_key` names the workers' loaded chain for `cfg` (stages.chain_key), so it is reused."""
     check_domains(cfg, dataset)
     if not cfg.needs_calibration():
         return cfg
@@ -128,7 +129,7 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
             print(f"calibration: reusing the thresholds in {cache}", file=sys.stderr)
             return resolved
 
-    futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard,
+    futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard, chain_key=chain_key,
                          key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
     parts = client.gather(futures)
     domains = [d for p in parts for d in p["domains"]]

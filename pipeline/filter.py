@@ -1,7 +1,7 @@
 """`curate filter INPUT... --out DIR`: score and filter shards on Dask, one task per shard.
 
 The driver validates everything it can before any shard is read (inputs exist, the config is
-valid, every filter's models load), then submits one `stages.process_shard` task per shard that
+valid, the model files exist; then every worker loads the models), then submits one `stages.process_shard` task per shard that
 is not already done with the same config hash, shows progress, and finally aggregates the shard
 manifests into DIR/manifest.json. It knows no concrete filter: the chain comes from
 `filters.config.build_filters` and the output columns from the chain's `columns`.
@@ -25,7 +25,7 @@ from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
                                shard_manifest_path, write_json)
 from pipeline.readers import Shard, discover_shards
-from pipeline.stages import load_chain, process_shard
+from pipeline.stages import chain_key, load_on_workers, process_shard
 from pipeline.writers import remove_shard_outputs, remove_temporaries, score_columns
 
 #: bump when the output of a shard changes for the same inputs and config, so old results are redone
@@ -89,19 +89,23 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
     out_dir = Path(out).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise CurateError(f"--out {out} exists and is not a directory")
-    # load every model here, so a missing or corrupt model fails before any shard is read
-    load_chain(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out_dir)
+    # hashing the models (cached) also fails here, naming the file, when one is missing
+    models = model_hashes([f.describe() for f in build_filters(cfg)])
 
     with dask_client(workers=workers, scheduler=scheduler) as client:
+        # every worker loads the models before any shard is read (or anything is written): a
+        # corrupt model stops the run here
+        key = chain_key(cfg, models)
+        load_on_workers(client, cfg, key)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out_dir)
         # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
         # so the manifest and a re-run see the same thresholds (cached beside the output)
-        cfg = calibrate.resolve(cfg, shards, ds, client, cache=out_dir / "calibration.json")
+        cfg = calibrate.resolve(cfg, shards, ds, client, cache=out_dir / "calibration.json", chain_key=key)
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]
         models = model_hashes(descriptions)
-        h = run_hash(cfg, models, ds)
+        h, key = run_hash(cfg, models, ds), chain_key(cfg, models)
         columns = score_columns([c for f in chain for c in f.columns])
 
         results: dict[str, dict] = {}
@@ -123,7 +127,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         # biggest shards first: the last task to finish is then a small one
         todo.sort(key=lambda s: -(s.size or 0))
         t_submit = time.perf_counter()
-        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns,
+        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns, key,
                                  key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
         bar = tqdm(as_completed(futures), total=len(shards), initial=skipped, desc="shards", unit="shard",
                    disable=not progress, file=sys.stderr)

@@ -1,11 +1,14 @@
 """The per-shard Dask task: read -> score in batches -> write Parquet -> write the shard manifest.
 
 `process_shard` runs on a worker. The filter chain is built and its models loaded once per worker
-process (cached on the worker, keyed by the run's config hash) rather than once per shard, since
-loading a KenLM or fastText model costs far more than scoring a shard of a few thousand lines.
+(cached on the worker, keyed by `chain_key`: the filter settings and the models' contents) rather
+than once per shard, since loading a KenLM or fastText model costs far more than scoring a shard of
+a few thousand lines. `load_on_workers` does that loading up front, as the run's start-up check.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +17,7 @@ import numpy as np
 
 from filters.base import DocumentFilter
 from filters.config import FilterConfig, build_filters
+from filters.errors import CurateError
 from pipeline.domains import DatasetManifest
 from pipeline.manifest import MALFORMED, Tally, shard_manifest_path, write_json
 from pipeline.readers import Record, Shard, ShardReadError, read_shard
@@ -29,8 +33,15 @@ def load_chain(cfg: FilterConfig) -> list[DocumentFilter]:
     return chain
 
 
-def worker_chain(cfg: FilterConfig, run_hash: str) -> list[DocumentFilter]:
-    """The loaded chain of this worker process, built on first use for this config."""
+def chain_key(cfg: FilterConfig, models: dict[str, str]) -> str:
+    """What a loaded chain depends on: the filter settings and the sha256 of every model file (a
+    long-lived worker of a remote cluster must not keep scoring with a model that was replaced)."""
+    key = json.dumps({"filters": cfg.to_dict(), "models": models}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def worker_chain(cfg: FilterConfig, key: str) -> list[DocumentFilter]:
+    """The loaded chain of this worker, built on first use for this key."""
     import distributed
 
     try:
@@ -38,10 +49,35 @@ def worker_chain(cfg: FilterConfig, run_hash: str) -> list[DocumentFilter]:
     except ValueError:          # called outside a Dask worker (a benchmark, a test): no cache
         return load_chain(cfg)
     cached = getattr(worker, "curate_filter_chain", None)
-    if cached is None or cached[0] != run_hash:
+    if cached is None or cached[0] != key:
         # one chain per worker: a new config replaces the old one instead of piling up models
-        worker.curate_filter_chain = (run_hash, load_chain(cfg))
+        worker.curate_filter_chain = (key, load_chain(cfg))
     return worker.curate_filter_chain[1]
+
+
+def _load(cfg: FilterConfig, key: str) -> str | None:
+    # a user's error (a missing or corrupt model) comes back as its message: raised on the worker
+    # it would be logged there with a traceback, as if it were a bug
+    try:
+        worker_chain(cfg, key)
+    except CurateError as e:
+        return str(e)
+    return None
+
+
+def load_on_workers(client, cfg: FilterConfig, key: str) -> None:
+    """Load the chain's models on every worker of the cluster now (cached for the shards to come).
+
+    This is the run's start-up check: a missing or corrupt model raises here, naming its file, before
+    any shard is read, and it is checked where the shards will be scored (a path the driver can
+    read but the workers cannot fails too). A task, not `client.run`, so that a large model loads
+    in the worker's task thread rather than blocking its event loop."""
+    workers = list(client.scheduler_info().get("workers", {}))
+    futures = [client.submit(_load, cfg, key, workers=[w], allow_other_workers=False, pure=False,
+                             key=f"curate-load-{key}-{i}") for i, w in enumerate(workers)]
+    for error in client.gather(futures):
+        if error is not None:
+            raise CurateError(error)
 
 
 def score_batch(chain: Sequence[DocumentFilter], texts: list[str], domains: list[str],
@@ -68,7 +104,7 @@ def score_batch(chain: Sequence[DocumentFilter], texts: list[str], domains: list
 
 
 def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out_dir: str,
-                  run_hash: str, columns: Sequence[str]) -> dict:
+                  run_hash: str, columns: Sequence[str], key: str | None = None) -> dict:
     """Filter one shard; returns its manifest (also written, last, to shards/<id>.json).
 
     A stream that breaks part-way still gets what was read scored and written, and the shard is
@@ -77,7 +113,7 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    chain = worker_chain(cfg, run_hash)
+    chain = worker_chain(cfg, key or run_hash)
     out = ShardOutput(out_dir, shard.id, columns)
     tally = Tally()
     error, lines, nbytes = None, 0, 0
