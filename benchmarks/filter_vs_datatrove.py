@@ -10,7 +10,8 @@ own pinned process, on the same corpus:
   I/O floor   zstd decompress + split lines + json.loads (no Dask, no batching)
   normalise   filters.normalize.normalize_texts over every text
   predict     fastText predict (k=-1) on the normalised texts, one batched call per 1024
-  write       pyarrow: every document with its score into one zstd Parquet file per shard
+  write       pyarrow: every document with its score into one zstd Parquet file per shard (curate's
+              writer settings: dictionary and statistics only for the small columns)
   kenlm       filters.fluency.perplexities (normalise lines + KenLM score)
 The corpus is ../shared/data/redpajama-sample replicated to at least --mb MB of text; the models are
 trained by `curate train-classifier` on `curate sample` labels (default settings) and by
@@ -111,7 +112,11 @@ def part(name: str, corpus: str, models: str) -> dict:
                               "domain": [d["meta"]["redpajama_set_name"] for d in ds], "source": [f] * n,
                               "line": pa.array(range(1, n + 1), pa.int64()), "ad_score": scores[k:k + n],
                               "perplexity": pa.nulls(n, pa.float64())})
-            pq.write_table(table, out / (Path(f).name + ".parquet"), compression="zstd")
+            # the settings curate's writer uses (no dictionary or statistics for the text column), so
+            # that this part is the floor for that writer rather than a slower default
+            pq.write_table(table, out / (Path(f).name + ".parquet"), compression="zstd",
+                           use_dictionary=["domain", "source"],
+                           write_statistics=[c for c in table.column_names if c != "text"])
             k += n
         return t0.stop()
     raise ValueError(name)
@@ -280,7 +285,7 @@ def main() -> int:
     shutil.rmtree(two, ignore_errors=True)
     two.mkdir()
     for f in sorted(glob.glob(f"{SAMPLE}/train/*/*.jsonl.zst"))[:2]:
-        os.symlink(f, two / f.name)
+        os.symlink(f, two / Path(f).name)
     (work / "ads1.yaml").write_text(f"ads: {{model: {models}/ads.bin, threshold: 0.5}}\nbatch_size: 1\n")
     curate("filter", two, "--out", work / "unbatched", "--config", work / "ads1.yaml", "--no-progress", "--force")
     curate("filter", two, "--out", work / "batched", "--config", work / "ads.yaml", "--no-progress", "--force")
