@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for every variant's blocks, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--no-layer", action="store_true", help="skip the single-layer timing")
     p.add_argument("--profile", action="store_true", help="also profile moe-grouped and print the top kernels")
+    p.add_argument("--profile-variants", default="moe-grouped",
+                   help="comma list of variants --profile profiles (a whole step, optimizer included)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100 SXM, 756 PCIe)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (overriding the size options), 1+1 steps: a correctness run for CI")
     a = p.parse_args(argv)
@@ -277,12 +279,14 @@ def profile_moe(make, a, device) -> list[dict]:
         for block in model.layers:
             block.compile(mode=a.compile_mode)
     seq = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def step():
         with autocast(device):
             out = model(seq[:, :-1], labels=seq[:, 1:], skip_logits=True)
         (out.loss + out.aux_loss).backward()
-        model.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     for _ in range(a.warmup):
         step()
@@ -293,7 +297,7 @@ def profile_moe(make, a, device) -> list[dict]:
             step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=70, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90)
     print(table)
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:25]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
@@ -367,8 +371,10 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    if a.profile and "moe-grouped" in builders:
-        results["profile_moe_grouped"] = profile_moe(builders["moe-grouped"], a, device)
+    if a.profile:
+        for name in a.profile_variants.split(","):
+            print(f"\n---- profile: {name}")
+            results[f"profile_{name.replace('-', '_')}"] = profile_moe(builders[name], a, device)
 
     results["ratios"] = ratios(results)
     print_table(results)
