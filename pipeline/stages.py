@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,8 +74,12 @@ def load_on_workers(client, cfg: FilterConfig, key: str) -> None:
     read but the workers cannot fails too). A task, not `client.run`, so that a large model loads
     in the worker's task thread rather than blocking its event loop."""
     workers = list(client.scheduler_info().get("workers", {}))
+    if not workers:         # a cluster whose workers have not joined yet: check on the driver instead
+        load_chain(cfg)
+        return
+    run = uuid.uuid4().hex[:8]        # distinct from another run's check on the same cluster
     futures = [client.submit(_load, cfg, key, workers=[w], allow_other_workers=False, pure=False,
-                             key=f"curate-load-{key}-{i}") for i, w in enumerate(workers)]
+                             key=f"curate-load-{run}-{i}") for i, w in enumerate(workers)]
     for error in client.gather(futures):
         if error is not None:
             raise CurateError(error)

@@ -118,3 +118,32 @@ def test_ads_limited_to_domains_leaves_others_unscored(model_dir, sample_dir, tm
     assert all(v["removed"].get("ads", 0) == 0 for d, v in removed.items() if d != "C4")
     assert removed["C4"]["removed"]["ads"] > 0
     assert np.isfinite(t.loc[t["domain"] == "C4", "ad_score"]).all()
+
+
+def test_models_load_once_on_each_worker_as_the_start_up_check(model_dir, tmp_path):
+    """The start-up check loads the models where the shards will be scored, once per worker (the shard
+    tasks reuse that chain), and names a corrupt file; with no worker joined yet the driver checks."""
+    from distributed import Client, LocalCluster
+
+    from filters.config import parse_filter_config
+    from filters.errors import CurateError
+    from pipeline.stages import load_on_workers
+
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes((model_dir / "ads.bin").read_bytes()[:-100000])
+    corrupt = parse_filter_config({"ads": {"model": str(bad)}})
+    good = parse_filter_config({"ads": {"model": str(model_dir / "ads.bin")}})
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client:
+        with pytest.raises(CurateError, match="bad.bin"):
+            load_on_workers(client, corrupt, "k1")           # no worker yet: the driver checks
+        cluster.scale(1)
+        client.wait_for_workers(1)
+        with pytest.raises(CurateError, match="bad.bin"):
+            load_on_workers(client, corrupt, "k2")           # on the worker
+        load_on_workers(client, good, "k3")
+        cached = client.run(lambda dask_worker: (dask_worker.curate_filter_chain[0],
+                                                 id(dask_worker.curate_filter_chain[1])))
+        load_on_workers(client, good, "k3")                  # same key: the loaded chain is kept
+        again = client.run(lambda dask_worker: (dask_worker.curate_filter_chain[0],
+                                                id(dask_worker.curate_filter_chain[1])))
+    assert [k for k, _ in cached.values()] == ["k3"] and again == cached
