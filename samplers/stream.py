@@ -107,9 +107,12 @@ class DomainStream:
         for k, d in enumerate(self.domains):
             count = after.counts[k]
             epoch = (count - 1) // self.num_sequences[k] if count else 0
-            if epoch > self._warned_epoch[k]:
+            # at repetitions 1, 2, 4, 8, ... (or the first after): a small domain with a large weight repeats every few
+            # batches, and a line per repetition would bury the log
+            if epoch >= max(1, 2 * self._warned_epoch[k]):
                 warnings.warn(f"domain {d}: all {self.num_sequences[k]:,} sequences used; now in epoch {epoch + 1} "
-                              f"(repetition {epoch}) with a new shuffle", DomainExhaustedWarning, stacklevel=3)
+                              f"(repetition {epoch}) with a new shuffle; next report at repetition {2 * epoch}",
+                              DomainExhaustedWarning, stacklevel=3)
                 self._warned_epoch[k] = epoch
 
     # -- counters --------------------------------------------------------------------------------
