@@ -1,9 +1,9 @@
 """`curate filter INPUT... --out DIR`: score and filter shards on Dask, one task per shard.
 
 The driver validates everything it can before any shard is read (inputs exist, the config is
-valid, the model files exist; then every worker loads the models), then submits one `stages.process_shard` task per shard that
-is not already done with the same config hash, shows progress, and finally aggregates the shard
-manifests into DIR/manifest.json. It knows no concrete filter: the chain comes from
+valid, the model files exist; then every worker loads the models), then submits one
+`stages.process_shard` task per shard that is not already done with the same config hash, shows
+progress, and finally aggregates the shard manifests into DIR/manifest.json. It knows no concrete filter: the chain comes from
 `filters.config.build_filters` and the output columns from the chain's `columns`.
 """
 from __future__ import annotations
