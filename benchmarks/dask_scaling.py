@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def replicate(src: Path, dest: Path, copies: int) -> list[Path]:
-    """`copies` hard links (or copies) of every *.jsonl.zst under src, flat in dest."""
+    """`copies` copies of every *.jsonl.zst under src, flat in dest."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for f in sorted(src.rglob("*.jsonl.zst")):

@@ -56,7 +56,9 @@ def run_one(name: str, args, work: Path, dense: dict[str, float]) -> dict:
     from trainer.config import write_train_config
 
     method, scale, kind, label = RUNS[name]
-    moe = work / f"moe-{method}-{'noscale' if scale else 'scale'}"
+    # everything the converted model depends on is in its name, so a cached one is never the wrong one
+    moe = work / (f"moe-{method}-{'noscale' if scale else 'scale'}-{args.experts}x{args.top_k}-{args.gate}"
+                  f"-s{args.seed}")
     if not (moe / "config.json").exists():
         # a small random gate, as the paper's released checkpoints start from: a zero gate would send
         # every token to the same k experts until training breaks the tie

@@ -12,7 +12,7 @@ from torch import nn
 
 from filters.errors import CurateError
 from trainer import checkpoint as ckpt
-from trainer.config import OptimSection, config_from_dict, load_train_config, write_train_config
+from trainer.config import OptimSection, load_train_config, write_train_config
 from trainer.metrics import append_jsonl, truncate_jsonl
 from trainer.optim import build_optimizer, lr_factor
 
@@ -55,6 +55,12 @@ def test_bad_config_names_the_key(tmp_path, change, key):
     with pytest.raises(CurateError) as e:
         load_train_config(path)
     assert key in str(e.value)
+
+
+def test_command_line_overrides_reach_an_empty_section(tmp_path):
+    path = write_yaml(tmp_path / "train.yaml", minimal(tmp_path))
+    path.write_text(path.read_text().split("train:")[0] + "train:\n")    # `train:` with nothing under it
+    assert load_train_config(path, overrides={"train.max_steps": 7}).train.max_steps == 7
 
 
 def test_paths_resolve_against_config_dir_and_round_trip(tmp_path):

@@ -155,8 +155,7 @@ def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
 
 
 def _rotate(root: Path, keep: int) -> None:
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
-    for _, p in found[:-keep]:
+    for _, p in list_checkpoints(root.parent)[keep:]:
         shutil.rmtree(p)
 
 

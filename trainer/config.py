@@ -32,8 +32,10 @@ import yaml
 
 from filters.errors import CurateError
 from filters.files import read_yaml
+from pipeline.writers import write_atomic
+from trainer.construct import METHODS
+from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES
 
-CONVERT_METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
 
 
 @dataclass
@@ -57,15 +59,15 @@ class ConvertConfig:
         _positive(self.top_k, f"{where}.top_k")
         if self.top_k > self.experts:
             raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
-        _choice(self.method, CONVERT_METHODS, f"{where}.method")
-        _choice(self.gate, ("linear", "noisy-mlp"), f"{where}.gate")
+        _choice(self.method, METHODS, f"{where}.method")
+        _choice(self.gate, GATES, f"{where}.gate")
         if self.gate_init is None:
             self.gate_init = "zero" if self.gate == "noisy-mlp" else "random"
-        _choice(self.gate_init, ("zero", "random"), f"{where}.gate_init")
+        _choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
         if self.scale is not None and not self.scale > 0:
             raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
         _non_negative(self.seed, f"{where}.seed")
-        _choice(self.balance_loss, ("cv2", "switch", "none"), f"{where}.balance_loss")
+        _choice(self.balance_loss, tuple(b or "none" for b in BALANCE_LOSSES), f"{where}.balance_loss")
         if self.shared_size is not None:
             _non_negative(self.shared_size, f"{where}.shared_size")
         _positive(self.calib_seqs, f"{where}.calib_seqs")
@@ -184,7 +186,6 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     sampler: dict[str, Any] = field(default_factory=dict)   # samplers.SamplerConfig fields
     out: str | None = None
-    source: str | None = None           # the file it was loaded from (not part of the config)
 
     def check(self) -> None:
         self.model.check()
@@ -196,7 +197,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("source")
         d["optim"]["betas"] = list(d["optim"]["betas"])
         if d["model"].get("convert") is None:
             d["model"].pop("convert")
@@ -263,11 +263,11 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
         node = raw
         *parents, last = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {}) or {}
+            if not isinstance(node.get(key), dict):     # absent, or an empty `train:` (None)
+                node[key] = {}
+            node = node[key]
         node[last] = value
-    cfg = config_from_dict(raw, base_dir=p.resolve().parent)
-    cfg.source = str(p.resolve())
-    return cfg
+    return config_from_dict(raw, base_dir=p.resolve().parent)
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> TrainConfig:
@@ -297,9 +297,6 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> TrainCo
             if isinstance(value, str) and (base / value).is_file():
                 sampler[key] = str((base / value).resolve())
     sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
-    convert = sections["model"].convert
-    if convert is not None:
-        sections["model"].convert = _build(ConvertConfig, convert, "model.convert")
     sampler = raw.get("sampler") or {}
     cfg = TrainConfig(sampler=sampler, out=raw.get("out"), **sections)
     cfg.check()
@@ -320,7 +317,7 @@ def write_train_config(path: str | Path, **sections: Any) -> Path:
 def demo_train_config(tokens: str | Path, model: dict[str, Any], steps: int = 60) -> dict[str, Any]:
     """Sections of a CPU-sized run for `curate demo` (pass them to `write_train_config`): `model` is a
     model section ({"path": ...} or {"dense": ..., "convert": {...}}). The dynamic sampler measures its
-    references at the start and reweights every 5 steps, so a 40-step run updates the weights 8 times;
+    references at the start and reweights every 5 steps, so a 60-step run updates the weights 12 times;
     one log record per step; a checkpoint every 10 steps."""
     seq_len, micro, batch = 64, 4, 512
     return {
@@ -335,11 +332,8 @@ def demo_train_config(tokens: str | Path, model: dict[str, Any], steps: int = 60
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """The fully resolved config (absolute paths, every default spelled out), written atomically."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text("# written by curate train: `curate train --config` this file reproduces the run\n"
-                   + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(p)
+    write_atomic(Path(path), ("# written by curate train: `curate train --config` this file reproduces the run\n"
+                              + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,9 +356,6 @@ def _build(cls, values: Any, where: str):
     for key, value in values.items():
         if key not in names:
             raise CurateError(f"unknown key {where}.{key} (known: {', '.join(sorted(names))})")
-        if key == "convert" and cls is ModelSection:
-            kwargs[key] = value
-            continue
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
@@ -379,6 +370,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):          # a nested section, e.g. model.convert
+        return _build(hint, value, key)
     if hint is bool:
         if isinstance(value, bool):
             return value

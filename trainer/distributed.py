@@ -20,7 +20,6 @@ from filters.errors import CurateError
 @dataclass
 class DistContext:
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     parallel: str = "none"              # none | ddp | fsdp2
@@ -58,7 +57,7 @@ def init_distributed(device: str, parallel: str) -> DistContext:
         if parallel == "none":
             raise CurateError(f"train.parallel is none but torchrun started {world} ranks; use ddp or fsdp2")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, parallel=parallel)
+    return DistContext(rank=rank, world_size=world, device=dev, parallel=parallel)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.writers import write_atomic
+
 METRICS = "metrics.jsonl"
 DOMAIN_WEIGHTS = "domain_weights.jsonl"
 
@@ -94,9 +96,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             continue
         if rec.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _finite(record: dict) -> dict:
