@@ -1,13 +1,13 @@
 """Calibrate `drop_fraction` settings on a sample of the input, before `curate filter` runs.
 
-    cfg = resolve(cfg, shards, dataset, client, cache=out_dir / "calibration.json")
+    cfg = resolve(cfg, shards, dataset, client, run_key=run_hash(cfg, models, dataset), cache=out_dir / "calibration.json")
 
 Picks up to `calibration.max_shards` shards evenly spaced over the sorted input list, reads the
 first documents of each (up to `calibration.max_docs` in all), scores them on the Dask workers with
 the same filter chain the run uses, and turns each `drop_fraction` into per-domain thresholds
 (`filters.config.calibrate_config`). The result is a config with concrete thresholds: it is what
 the run hashes, records in its manifest and applies. With `cache`, the thresholds are stored there
-and reused while the config, the sampled shards and the model files are unchanged, so a resumed
+and reused while the config, the dataset manifest, the sampled shards and the model files are unchanged, so a resumed
 run does not calibrate again (and could not drift if it did: the sample is deterministic).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def sample_shards(shards: list[Shard], max_shards: int) -> list[Shard]:
     return [shards[i] for i in picks]
 
 
-def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int, chain_key: str) -> dict:
+def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int, run_key: str) -> dict:
     """Runs on a worker: the first `limit` documents of a shard, their domains and every score the
     chain's models give (NaN where a model does not score a document). Documents the rule-based
     filters (length) reject are left out: the models never see them in the run either."""
@@ -58,7 +58,7 @@ def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limi
                     break
     except ShardReadError:
         pass            # a broken shard still gives the documents read before the break
-    chain = worker_chain(cfg, chain_key)
+    chain = worker_chain(cfg, run_key)
     alive = np.arange(len(texts))
     for f in chain:
         if not hasattr(f, "score"):         # a rule, not a model: apply it
@@ -77,16 +77,9 @@ def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limi
     return {"domains": [domains[i] for i in alive], "scores": scores}
 
 
-def _cache_key(cfg: FilterConfig, picked: list[Shard], per_shard: int) -> str:
-    models = []
-    for sec, attrs in ((cfg.ads, ("model",)), (cfg.disfluency, ("kenlm", "fluency_model"))):
-        for a in attrs:
-            path = getattr(sec, a, None) if sec is not None else None
-            if path:
-                st = cfg.model_path(path).stat()
-                models.append([str(cfg.model_path(path)), st.st_size, st.st_mtime_ns])
-    key = {"config": cfg.to_dict(), "shards": [[s.url, s.size] for s in picked], "per_shard": per_shard,
-           "models": models}
+def _cache_key(run_key: str, picked: list[Shard], per_shard: int) -> str:
+    # run_key covers the filter settings, the models' sha256 and the dataset manifest
+    key = {"run": run_key, "shards": [[s.url, s.size] for s in picked], "per_shard": per_shard}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -111,15 +104,16 @@ def _summary(before: FilterConfig, after: FilterConfig) -> str:
 
 
 def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, client,
-            cache: str | Path | None = None, chain_key: str = "calibration") -> FilterConfig:
+            run_key: str, cache: str | Path | None = None) -> FilterConfig:
     """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none).
-    `chain_key` names the workers' loaded chain for `cfg` (stages.chain_key), so it is reused."""
+    `run_key` is `stages.run_hash` of `cfg`: it names the workers' loaded chain (reused here) and
+    keys the cached thresholds."""
     check_domains(cfg, dataset)
     if not cfg.needs_calibration():
         return cfg
     picked = sample_shards(shards, cfg.calibration.max_shards)
     per_shard = max(1, math.ceil(cfg.calibration.max_docs / len(picked)))
-    key = _cache_key(cfg, picked, per_shard)
+    key = _cache_key(run_key, picked, per_shard)
     cache = Path(cache) if cache else None
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
@@ -129,7 +123,7 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
             print(f"calibration: reusing the thresholds in {cache}", file=sys.stderr)
             return resolved
 
-    futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard, chain_key=chain_key,
+    futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard, run_key=run_key,
                          key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
     parts = client.gather(futures)
     domains = [d for p in parts for d in p["domains"]]

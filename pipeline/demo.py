@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from filters.errors import CurateError
+from pipeline.writers import write_atomic
 
 # Small enough for 2 CPU cores in a few minutes, large enough that the loss falls clearly and
 # the dynamic sampler re-weights several times.
@@ -50,9 +51,7 @@ def _curate(*args) -> None:
 
 
 def _write_yaml(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False).encode())
 
 
 def filter_config() -> dict:

@@ -2,7 +2,7 @@
 domain, weight presets and reference losses."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from filters.errors import CurateError
@@ -22,7 +22,6 @@ class DatasetManifest:
     domain_field: str = "meta.redpajama_set_name"   # dotted path into the JSON object
     domain_from: str = "field"                  # "field" or "directory"
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
     def domain_of(self, raw: object) -> str | None:
         """Canonical domain for a raw set name (or a canonical name itself); None if unknown."""

@@ -3,14 +3,13 @@
 The driver validates everything it can before any shard is read (inputs exist, the config is
 valid, the model files exist; then every worker loads the models), then submits one
 `stages.process_shard` task per shard that is not already done with the same config hash, shows
-progress, and finally aggregates the shard manifests into DIR/manifest.json. It knows no concrete filter: the chain comes from
-`filters.config.build_filters` and the output columns from the chain's `columns`.
+progress, and finally aggregates the shard manifests into DIR/manifest.json. It knows no concrete
+filter: the chain comes from `filters.config.build_filters` and the output columns from the chain's
+`columns`.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 import uuid
@@ -25,12 +24,8 @@ from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
                                shard_manifest_path, write_json)
 from pipeline.readers import Shard, discover_shards
-from pipeline.stages import chain_key, load_on_workers, process_shard
+from pipeline.stages import load_on_workers, process_shard, run_hash
 from pipeline.writers import remove_shard_outputs, remove_temporaries, score_columns
-
-#: bump when the output of a shard changes for the same inputs and config, so old results are redone
-OUTPUT_VERSION = 1
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -57,14 +52,6 @@ def run(args: argparse.Namespace) -> int:
     for f in m["failed"]:
         print(f"failed shard {f['shard']}: {f['error']}", file=sys.stderr)
     return 1 if m["failed"] else 0
-
-
-def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest) -> str:
-    """What decides a shard's output: filter settings, model contents, how lines are parsed."""
-    key = {"version": OUTPUT_VERSION, "filters": cfg.to_dict(), "models": models,
-           "dataset": {"text_field": dataset.text_field, "domain_field": dataset.domain_field,
-                       "domain_from": dataset.domain_from, "set_names": dataset.set_names}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _failed_manifest(shard: Shard, h: str, error: str) -> dict:
@@ -95,17 +82,17 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
     with dask_client(workers=workers, scheduler=scheduler) as client:
         # every worker loads the models before any shard is read (or anything is written): a
         # corrupt model stops the run here
-        key = chain_key(cfg, models)
-        load_on_workers(client, cfg, key)
+        h = run_hash(cfg, models, ds)
+        load_on_workers(client, cfg, h)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)
         # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
         # so the manifest and a re-run see the same thresholds (cached beside the output)
-        cfg = calibrate.resolve(cfg, shards, ds, client, cache=out_dir / "calibration.json", chain_key=key)
+        cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json")
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]
         models = model_hashes(descriptions)
-        h, key = run_hash(cfg, models, ds), chain_key(cfg, models)
+        h = run_hash(cfg, models, ds)
         columns = score_columns([c for f in chain for c in f.columns])
 
         results: dict[str, dict] = {}
@@ -127,7 +114,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         # biggest shards first: the last task to finish is then a small one
         todo.sort(key=lambda s: -(s.size or 0))
         t_submit = time.perf_counter()
-        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns, key,
+        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns,
                                  key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
         bar = tqdm(as_completed(futures), total=len(shards), initial=skipped, desc="shards", unit="shard",
                    disable=not progress, file=sys.stderr)

@@ -29,16 +29,16 @@ def empty_counts() -> dict:
     return {"docs_in": 0, "kept": 0, "removed": {}, "malformed": 0, "malformed_by_kind": {}}
 
 
-def _add(c: dict, reason: str | None, n: int = 1) -> None:
-    c["docs_in"] += n
+def _add(c: dict, reason: str | None) -> None:
+    c["docs_in"] += 1
     if reason is None:
-        c["kept"] += n
+        c["kept"] += 1
     elif reason.startswith(MALFORMED):
         kind = reason[len(MALFORMED):]
-        c["malformed"] += n
-        c["malformed_by_kind"][kind] = c["malformed_by_kind"].get(kind, 0) + n
+        c["malformed"] += 1
+        c["malformed_by_kind"][kind] = c["malformed_by_kind"].get(kind, 0) + 1
     else:
-        c["removed"][reason] = c["removed"].get(reason, 0) + n
+        c["removed"][reason] = c["removed"].get(reason, 0) + 1
 
 
 def _merge(into: dict, other: dict) -> None:
@@ -175,11 +175,8 @@ def filter_table(m: dict):
 
 
 def _per_domain(m: dict) -> dict:
-    for holder in (m, m.get("totals") or {}):
-        for key in ("by_domain", "domains"):
-            if isinstance(holder.get(key), dict):
-                return holder[key]
-    return {}
+    # `curate tokenize` writes {"domains": {name: {...}}}; filter manifests have their own table
+    return m.get("domains") or {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:

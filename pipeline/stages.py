@@ -1,7 +1,7 @@
 """The per-shard Dask task: read -> score in batches -> write Parquet -> write the shard manifest.
 
 `process_shard` runs on a worker. The filter chain is built and its models loaded once per worker
-(cached on the worker, keyed by `chain_key`: the filter settings and the models' contents) rather
+(cached on the worker, keyed by `run_hash`: the filter settings and the models' contents) rather
 than once per shard, since loading a KenLM or fastText model costs far more than scoring a shard of
 a few thousand lines. `load_on_workers` does that loading up front, as the run's start-up check.
 """
@@ -34,11 +34,18 @@ def load_chain(cfg: FilterConfig) -> list[DocumentFilter]:
     return chain
 
 
-def chain_key(cfg: FilterConfig, models: dict[str, str]) -> str:
-    """What a loaded chain depends on: the filter settings and the sha256 of every model file (a
-    long-lived worker of a remote cluster must not keep scoring with a model that was replaced)."""
-    key = json.dumps({"filters": cfg.to_dict(), "models": models}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+#: bump when the output of a shard changes for the same inputs and config, so old results are redone
+OUTPUT_VERSION = 1
+
+
+def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest) -> str:
+    """What decides a shard's output: filter settings, model contents (sha256), how lines are parsed.
+    It also keys each worker's loaded chain: a long-lived worker of a remote cluster must not keep
+    scoring with a model that was replaced."""
+    key = {"version": OUTPUT_VERSION, "filters": cfg.to_dict(), "models": models,
+           "dataset": {"text_field": dataset.text_field, "domain_field": dataset.domain_field,
+                       "domain_from": dataset.domain_from, "set_names": dataset.set_names}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def worker_chain(cfg: FilterConfig, key: str) -> list[DocumentFilter]:
@@ -109,7 +116,7 @@ def score_batch(chain: Sequence[DocumentFilter], texts: list[str], domains: list
 
 
 def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out_dir: str,
-                  run_hash: str, columns: Sequence[str], key: str | None = None) -> dict:
+                  run_key: str, columns: Sequence[str]) -> dict:
     """Filter one shard; returns its manifest (also written, last, to shards/<id>.json).
 
     A stream that breaks part-way still gets what was read scored and written, and the shard is
@@ -118,22 +125,28 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    chain = worker_chain(cfg, key or run_hash)
+    chain = worker_chain(cfg, run_key)
     out = ShardOutput(out_dir, shard.id, columns)
     tally = Tally()
     error, lines, nbytes = None, 0, 0
     batch: list[Record] = []
+    malformed: list[Record] = []     # written in batches too: a shard can be all malformed lines
     batch_bytes = 0
 
     def flush() -> None:
         nonlocal batch_bytes
-        if not batch:
-            return
-        scores, reasons = score_batch(chain, [r.text for r in batch], [r.domain for r in batch], columns)
-        out.add_batch(batch, scores, reasons)
-        for rec, reason in zip(batch, reasons):
-            tally.count(rec.domain, reason)
+        if batch:
+            scores, reasons = score_batch(chain, [r.text for r in batch], [r.domain for r in batch], columns)
+            out.add_batch(batch, scores, reasons)
+            for rec, reason in zip(batch, reasons):
+                tally.count(rec.domain, reason)
+        if malformed:
+            reasons = [MALFORMED + r.malformed for r in malformed]
+            out.add_batch(malformed, {}, reasons)
+            for rec, reason in zip(malformed, reasons):
+                tally.count(rec.domain, reason)
         batch.clear()
+        malformed.clear()
         batch_bytes = 0
 
     try:
@@ -141,13 +154,11 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
             for rec in read_shard(shard, dataset):
                 lines, nbytes = rec.line, nbytes + rec.nbytes + 1
                 if rec.malformed:
-                    reason = MALFORMED + rec.malformed
-                    out.add(rec, {}, reason)
-                    tally.count(rec.domain, reason)
-                    continue
-                batch.append(rec)
+                    malformed.append(rec)
+                else:
+                    batch.append(rec)
                 batch_bytes += len(rec.text)
-                if len(batch) >= cfg.batch_size or batch_bytes >= BATCH_BYTES:
+                if len(batch) + len(malformed) >= cfg.batch_size or batch_bytes >= BATCH_BYTES:
                     flush()
         except ShardReadError as e:
             error = f"{e} (the {lines} complete lines before it were processed and written)"
@@ -161,7 +172,7 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
     manifest = {
         "shard": shard.id, "source": shard.url,
         "status": "failed" if error else "done", "error": error,
-        "config_hash": run_hash,
+        "config_hash": run_key,
         **counts,
         "bytes_read": nbytes, "file_bytes": shard.size,
         "duration_s": round(time.perf_counter() - t0, 3),

@@ -1,6 +1,6 @@
 """Streaming, atomic Parquet output of one shard.
 
-    out = ShardOutput(out_dir, shard_id, score_columns=("ad_score", "perplexity", ...))
+    out = ShardOutput(out_dir, shard_id, scores=("ad_score", "perplexity", ...))
     out.add_batch(records, scores, reasons)   # any number of times; row groups are flushed as they fill
     paths = out.commit()                  # rename temporaries into place, drop stale files
 
@@ -84,7 +84,6 @@ class ParquetSink:
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd",
                                        use_dictionary=[c for c in ("domain", "source", "reason") if c in schema.names],
                                        write_statistics=small)
-        self.rows = 0
         self._buf: list[pa.RecordBatch] = []
         self._buf_rows = 0
         self.buffered_bytes = 0
@@ -94,7 +93,6 @@ class ParquetSink:
         self._buf.append(batch)
         self._buf_rows += batch.num_rows
         self.buffered_bytes += text_bytes
-        self.rows += batch.num_rows
         if self._buf_rows >= ROW_GROUP_ROWS:
             self.flush()
 
@@ -137,10 +135,6 @@ class ShardOutput:
 
     def rejected_path(self) -> Path:
         return self.out_dir / "rejected" / f"{self.shard_id}.parquet"
-
-    def add(self, rec, scores: dict[str, float], reason: str | None) -> None:
-        """One record (a readers.Record) with its scores; reason None means kept."""
-        self.add_batch([rec], {c: np.array([v], dtype=np.float64) for c, v in scores.items()}, [reason])
 
     def add_batch(self, records: Sequence, scores: Mapping[str, np.ndarray], reasons: Sequence[str | None]) -> None:
         """Records (readers.Record) with their score columns (float64 per record, NaN = not

@@ -30,7 +30,7 @@ def test_tally_counts_and_merges():
 def test_manifest_command_prints_a_tokenize_output(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({
         "kind": "tokenize", "tokenizer": "x",
-        "by_domain": {"C4": {"documents": 120, "tokens": 45678, "eval": {"tokens": 512}},
+        "domains": {"C4": {"documents": 120, "tokens": 45678, "eval": {"tokens": 512}},
                       "GitHub": {"documents": 7, "tokens": 901, "eval": {"tokens": 64}}}}))
     out = curate("manifest", tmp_path).stdout
     for word in ("tokenize", "C4", "GitHub", "45,678", "eval.tokens", "46,579", "total"):

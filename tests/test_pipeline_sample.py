@@ -62,6 +62,8 @@ def test_labels_and_lm_text_are_disjoint_from_the_shards(sample_dir):
         assert not shard_texts & {r["text"] for r in rows}, f"{task} labels reuse shard documents"
     lm = (sample_dir / "lm.txt").read_text().splitlines()
     assert len(lm) > 3000 and all(line.strip() for line in lm)
-    assert not shard_texts & set(lm)
+    lm_lines = set(lm)
+    # no shard document is in lm.txt line by line (its lines may recur one by one: boilerplate)
+    assert not any(all(line.strip() in lm_lines for line in d.split("\n") if line.strip()) for d in shard_texts)
     # planted ad copy never leaks into the clean LM text
     assert not any("discount code" in line.lower() or "buy now" in line.lower() for line in lm)
