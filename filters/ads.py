@@ -39,7 +39,7 @@ class AdFilter(DocumentFilter):
 
     def load(self) -> None:
         if self._model is None:
-            self._model = load_classifier(self.model_path, "ads", what="ads model")
+            self._model = load_classifier(self.model_path, "ads")
 
     def score(self, texts: Sequence[str], domains: Sequence[str]) -> dict[str, np.ndarray]:
         """p(ad) for the documents in `domains` (NaN for the others)."""

@@ -97,6 +97,8 @@ def file_sha256(path: str | Path, what: str = "model") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     digest = h.hexdigest()
+    # entries of files that are gone (replaced models, temporary ones) are dropped as it is rewritten
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)}
     cache[key] = {"stamp": stamp, "sha256": digest}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

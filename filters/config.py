@@ -197,8 +197,7 @@ def _parse_ads(sec: dict, where: str) -> AdsConfig:
     return AdsConfig(
         model=_path(sec["model"], "ads.model", where),
         threshold=_number(sec.get("threshold", 0.5), "ads.threshold", where),
-        thresholds={d: t for d, t in _per_domain(thresholds, "ads.thresholds", where, allow_default=False).items()}
-        if thresholds else {},
+        thresholds=_per_domain(thresholds, "ads.thresholds", where, allow_default=False) if thresholds else {},
         domains=_domains(sec.get("domains"), "ads.domains", where),
         drop_fraction=None if sec.get("drop_fraction") is None else
         _per_domain(sec["drop_fraction"], "ads.drop_fraction", where, allow_default=False, hi=1.0),

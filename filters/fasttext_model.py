@@ -3,7 +3,7 @@
     model = load_classifier("ads.bin", task="ads")
     p_ad = label_probability(model, normalize_texts(texts), "ad")
 
-The two tasks and their labels (positive label first: the one the filter removes):
+`TASKS` maps each task to its two labels, the positive one (the one the filter removes) first.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ TASKS: dict[str, tuple[str, str]] = {
 PREFIX = "__label__"
 
 
-def load_classifier(path: str | Path, task: str, what: str | None = None):
+def load_classifier(path: str | Path, task: str):
     """Load a supervised fastText model and check it is complete and has the task's labels."""
     import fasttext
 
-    what = what or f"{task} model"
+    what = f"{task} model"
     p = Path(path)
     if not p.is_file():
         raise CurateError(f"{what} file {p} does not exist (check the path in the filter config, "
@@ -57,8 +57,9 @@ def _check_header(path: Path, what: str) -> None:
     """Refuse a file fastText's loader would choke on, before calling it.
 
     fastText reads a truncated dictionary by appending end-of-file characters to a word until
-    memory runs out (minutes, gigabytes), so a file too short for the sizes its header announces
-    is caught here. Full-size files (the common case) need only the fixed-size header.
+    memory runs out (minutes, gigabytes), and reads past the end of truncated matrices without
+    complaint (garbage weights). So the dictionary is walked (a few ms even for a 400 MB model) and
+    a plain model's size must be exactly what its header announces.
     """
     size = os.path.getsize(path)
     with path.open("rb") as f:
@@ -69,37 +70,34 @@ def _check_header(path: Path, what: str) -> None:
     dim, bucket, n_entries, nwords, nlabels, prune = fields[2], fields[10], *fields[15:18], fields[19]
     if min(dim, bucket, nwords, nlabels) < 0 or nwords + nlabels != n_entries:
         raise CurateError(f"{what} file {path} is corrupt (inconsistent fastText header)")
-    full = _HEADER.size + 10 * n_entries + 34 + 4 * dim * (nwords + bucket + nlabels)
-    if size >= full:
-        return
-    # smaller than a plain model of these sizes: a quantized model, or a truncated file
+    truncated = CurateError(f"{what} file {path} is truncated: {size} bytes, not what its header announces "
+                            f"({n_entries} words and labels, {dim}-dimensional vectors)")
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         pos = _HEADER.size
         for _ in range(n_entries):          # each entry: word, NUL, int64 count, int8 type
             end = mm.find(b"\0", pos)
             if end < 0:
-                pos = size
-                break
+                raise truncated
             pos = end + 10
         pos += 8 * max(prune, 0)
-        if pos >= size or mm[pos] == 0:     # the byte after the dictionary says "quantized"
-            raise CurateError(f"{what} file {path} is truncated: {size} bytes, less than its header "
-                              f"announces ({n_entries} words and labels, {dim}-dimensional vectors)")
+        if pos >= size:
+            raise truncated
+        quantized = mm[pos] != 0            # the byte after the dictionary
+    # then: quantized flag, input matrix (int64 rows, cols, floats), quantized flag, output matrix
+    if not quantized and size != pos + 34 + 4 * dim * (nwords + bucket + nlabels):
+        raise truncated
 
 
 def _check_complete(model, path: Path, what: str) -> None:
-    """fastText's loader reads past the end of a truncated file without complaint (leaving
-    garbage weights), so compare the matrix sizes it announced with the file's size."""
+    """The loaded matrices have the shapes the header announced (the file size is checked before)."""
     if model.is_quantized():
-        return      # quantized matrices are stored in a compressed layout; nothing cheap to compare
+        return      # quantized matrices are stored in a compressed layout
     # the raw matrix objects expose the buffer protocol: reading .shape copies nothing
     inp = memoryview(model.f.getInputMatrix()).shape
     out = memoryview(model.f.getOutputMatrix()).shape
     dim = model.get_dimension()
-    needed = 4 * (inp[0] * inp[1] + out[0] * out[1])
-    if inp[1] != dim or out[1] != dim or out[0] != len(model.labels) or os.path.getsize(path) < needed:
-        raise CurateError(f"{what} file {path} is truncated or corrupt: its header announces "
-                          f"{needed} bytes of weights but the file has {os.path.getsize(path)} bytes")
+    if inp[1] != dim or out[1] != dim or out[0] != len(model.labels):
+        raise CurateError(f"{what} file {path} is corrupt: its matrices do not match its header")
 
 
 def label_probability(model, texts: Sequence[str], label: str) -> np.ndarray:
@@ -108,12 +106,9 @@ def label_probability(model, texts: Sequence[str], label: str) -> np.ndarray:
     Asks for every label (k=-1) and divides by their sum: fastText adds 1e-5 to each probability
     it returns, so the raw value can exceed 1; the ratio is the model's probability, in [0, 1].
     """
-    out = np.full(len(texts), np.nan)
     if not texts:
-        return out
+        return np.full(0, np.nan)
     target = PREFIX + label
     labels, probs = model.predict(list(texts), k=-1)
-    for i, (names, p) in enumerate(zip(labels, probs)):
-        scores = dict(zip(names, p.tolist()))
-        out[i] = scores.get(target, 0.0) / sum(scores.values())
-    return out
+    probs = np.asarray(probs, dtype=np.float64)          # [n, n_labels], each row in its own label order
+    return (probs * (np.asarray(labels) == target)).sum(1) / probs.sum(1)

@@ -81,7 +81,7 @@ class DisfluencyFilter(DocumentFilter):
         if self.kenlm_path is not None and self._lm is None:
             self._lm = load_kenlm(self.kenlm_path)
         if self.fluency_path is not None and self._clf is None:
-            self._clf = load_classifier(self.fluency_path, "fluency", what="fluency model")
+            self._clf = load_classifier(self.fluency_path, "fluency")
 
     def score(self, texts: Sequence[str], domains: Sequence[str]) -> dict[str, np.ndarray]:
         self.load()

@@ -37,6 +37,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import fsspec
 import numpy as np
 
 from filters.errors import CurateError
@@ -95,13 +96,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- reading
+def _open(path: Path, mode: str, **kw):
+    """The file, decompressed when its name ends in .gz, .zst, .bz2 or .xz (as `datasets` does)."""
+    return fsspec.open(str(path), mode, compression="infer", **kw)
+
+
 def _format_of(path: Path, fmt: str | None) -> str:
     if fmt:
         return fmt
     suffixes = [s for s in path.suffixes if s not in (".gz", ".zst", ".bz2", ".xz")]
     if suffixes and suffixes[-1].lower() in _BY_SUFFIX:
         return _BY_SUFFIX[suffixes[-1].lower()]
-    with path.open("rb") as f:          # no telling extension: look at the first line
+    with _open(path, "rb") as f:        # no telling extension: look at the first line
         head = f.readline(4096).lstrip()
     if head.startswith(b"__label__"):
         return "fasttext"
@@ -112,7 +118,7 @@ def _format_of(path: Path, fmt: str | None) -> str:
 
 def _read_fasttext(path: Path) -> tuple[list, list]:
     texts, labels = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with _open(path, "rt", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -128,7 +134,7 @@ def _read_fasttext(path: Path) -> tuple[list, list]:
 
 
 def _csv_columns(path: Path, sep: str) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with _open(path, "rt", encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter=sep)
         header = next(rows, None)
         first = next((r for r in rows if any(c.strip() for c in r)), None)

@@ -79,12 +79,14 @@ def train_lm(text: str | Path, out: str | Path, order: int = 5, memory: str = "2
         with arpa.open("wb") as arpa_f, log.open("wb") as log_f:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=arpa_f, stderr=log_f)
             try:
-                with fsspec.open(str(text), "rt", encoding="utf-8", errors="replace", compression="infer") as src:
+                # newline="\n": a lone \r is a space to the normaliser, as at scoring time, not a line break
+                with fsspec.open(str(text), "rt", encoding="utf-8", errors="replace", compression="infer",
+                                 newline="\n") as src:
                     for raw in src:
                         for line in normalize_lines(raw):
                             proc.stdin.write(line.encode("utf-8") + b"\n")
                             n_lines += 1
-                            n_words += line.count(" ") + 1
+                            n_words += len(line.split())      # as scoring counts them
                 proc.stdin.close()
             except BrokenPipeError:
                 pass        # lmplz died; its log says why (reported below)

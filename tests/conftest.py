@@ -18,6 +18,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The tests' model-hash cache (filters.base.file_sha256) lives in a temporary folder, not in the
+    user's ~/.cache, for this process and every `curate` it starts."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def curate(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run the real `curate` console script in a subprocess."""
     exe = VENV_BIN / "curate"

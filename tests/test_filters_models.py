@@ -7,6 +7,7 @@ import io
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,6 +178,8 @@ def test_missing_and_corrupt_models_fail_in_load_naming_the_file(models, tmp_pat
     truncated.write_bytes(models["ads"].read_bytes()[:5000])
     tail_cut = tmp_path / "tail_cut.bin"
     tail_cut.write_bytes(models["ads"].read_bytes()[:-4096])
+    last_floats = tmp_path / "last_floats.bin"          # loads without complaint in fastText itself
+    last_floats.write_bytes(models["ads"].read_bytes()[:-100])
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"this is not a model\n" * 100)
     lm_cut = tmp_path / "lm_cut.bin"
@@ -185,6 +188,7 @@ def test_missing_and_corrupt_models_fail_in_load_naming_the_file(models, tmp_pat
         (AdFilter(tmp_path / "missing.bin"), "missing.bin", "does not exist"),
         (AdFilter(truncated), "truncated.bin", "truncated"),
         (AdFilter(tail_cut), "tail_cut.bin", "truncated"),
+        (AdFilter(last_floats), "last_floats.bin", "truncated"),
         (AdFilter(junk), "junk.bin", "not a fastText model"),
         (AdFilter(models["fluency"]), "fluency.bin", "__label__ad"),           # a model for the other task
         (DisfluencyFilter(kenlm=tmp_path / "missing_lm.bin"), "missing_lm.bin", "does not exist"),
@@ -207,3 +211,26 @@ def test_filter_objects_pickle_without_their_models(models):
     assert g._lm is None and g._clf is None
     assert len(pickle.dumps(f)) < 10_000
     np.testing.assert_array_equal(g.filter(["a test sentence ."], ["C4"]).keep, f.filter(["a test sentence ."], ["C4"]).keep)
+
+
+def test_model_hash_cache_notices_a_changed_file_and_forgets_deleted_ones(tmp_path):
+    import hashlib
+    import os
+
+    from filters.base import file_sha256
+
+    cache_file = Path(os.environ["XDG_CACHE_HOME"]) / "curate" / "sha256.json"
+    a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
+    for p in (a, b, c):
+        p.write_bytes(p.name.encode())
+    assert file_sha256(a) == hashlib.sha256(b"a.bin").hexdigest()
+    assert file_sha256(a) == hashlib.sha256(b"a.bin").hexdigest()          # from the cache
+    a.write_bytes(b"A.bin")                                                 # same size, new content
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))    # a later write (the clock may not have ticked)
+    assert file_sha256(a) == hashlib.sha256(b"A.bin").hexdigest()
+    file_sha256(b)
+    assert str(b.resolve()) in json.loads(cache_file.read_text())
+    b.unlink()
+    file_sha256(c)
+    assert str(b.resolve()) not in json.loads(cache_file.read_text())

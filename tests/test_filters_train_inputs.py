@@ -129,3 +129,21 @@ def test_autotune_with_validation_file(sample_dir, tmp_path):
     assert res["valid_examples"] == 200 and res["metrics"]["f1"] > 0.9
     assert {"lr", "epoch", "wordNgrams", "dim"} <= set(res["params"])
     load_classifier(tmp_path / "auto.bin", "ads")
+
+
+def test_compressed_inputs_are_read_like_plain_ones(tmp_path):
+    import gzip
+
+    from filters.train_classifier import read_examples
+
+    rows = [("ad", "Buy now, 50% off \"today\" — naïve café"), ("clean", "The river, with its bends, ran north.")]
+    fasttext_text = "".join(f"__label__{lab} {text}\n" for lab, text in rows)
+    with open(tmp_path / "ex.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label"])
+        w.writerows([(i, text, lab) for i, (lab, text) in enumerate(rows)])
+    (tmp_path / "ex.csv.gz").write_bytes(gzip.compress((tmp_path / "ex.csv").read_bytes()))
+    (tmp_path / "ex.txt.gz").write_bytes(gzip.compress(fasttext_text.encode()))
+    (tmp_path / "ex.txt").write_text(fasttext_text, encoding="utf-8")
+    for plain, packed in (("ex.csv", "ex.csv.gz"), ("ex.txt", "ex.txt.gz")):
+        assert read_examples(tmp_path / packed) == read_examples(tmp_path / plain)
