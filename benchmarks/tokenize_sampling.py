@@ -156,8 +156,6 @@ def main() -> int:
         f"Python {platform.python_version()}.", "",
         "```", *lscpu, f"load average at start: {' '.join(f'{x:.2f}' for x in load0)}",
         f"load average at end:   {' '.join(f'{x:.2f}' for x in os.getloadavg())}", "```", "",
-        "The machine (2 cores) was shared with four other engineers' jobs during this run (see the load "
-        "averages): absolute figures are pessimistic and the 2-worker speed-ups are understated.", "",
         "## `curate tokenize` (Dask LocalCluster, one thread per worker, encode_batch_fast)", "",
         "| workers | tokens | encode seconds | tokens/s | speed-up | stage seconds incl. cluster start | "
         "per-task tokens/s (tokens / sum of task seconds) |",

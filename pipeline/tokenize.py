@@ -123,8 +123,8 @@ def _encode_shard(job: ShardJob) -> dict:
         raise CurateError(f"{job.parquet} has no column(s) {', '.join(sorted(missing))}")
     prefix = Path(job.prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    bin_path = Path(f"{prefix}.bin")
-    tmp_bin = temporary_path(bin_path)
+    bin_path, idx_path, docs_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx.npy"), Path(f"{prefix}.docs.parquet")
+    temporaries = tmp_bin, tmp_idx, tmp_docs = [temporary_path(p) for p in (bin_path, idx_path, docs_path)]
     ids: list[str] = []
     lengths: list[int] = []
     try:
@@ -142,18 +142,16 @@ def _encode_shard(job: ShardJob) -> dict:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         keys = np.array([doc_key(i) for i in ids], dtype=np.uint64)
-        idx_path = Path(f"{prefix}.idx.npy")
-        tmp_idx = temporary_path(idx_path)
         with open(tmp_idx, "wb") as f:
             np.save(f, offsets)
-        docs_path = Path(f"{prefix}.docs.parquet")
-        tmp_docs = temporary_path(docs_path)
         pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "key": pa.array(keys, pa.uint64()),
                                  "tokens": pa.array(np.diff(offsets), pa.int64())}), tmp_docs, compression="zstd")
         for tmp, final in ((tmp_bin, bin_path), (tmp_idx, idx_path), (tmp_docs, docs_path)):
             os.replace(tmp, final)
     finally:
-        for p in Path(prefix).parent.glob(f".{Path(prefix).name}.*.tmp"):
+        # exactly this attempt's files: a glob on the shard's name would also match the temporaries
+        # of a shard whose name extends it (`data` and `data.2`) being written by another worker
+        for p in temporaries:
             p.unlink(missing_ok=True)
     return {"docs": len(lengths), "tokens": int(offsets[-1])}
 
@@ -215,7 +213,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
         log(f"tokenize: removed {stale} temporary file(s) of an interrupted run")
 
     vocab = parse_train_spec(tokenizer)
-    tok = _trained_tokenizer(inputs, vocab, out, log) if vocab else _load_and_save(tokenizer, out, log)
+    tok = _trained_tokenizer(inputs, vocab, out, log) if vocab else _load_and_save(tokenizer, out)
     info = tok.describe()
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     config = {"format": FORMAT_VERSION, "tokenizer_sha256": info["sha256"], "eos_id": tok.eos_id,
@@ -251,7 +249,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
         lines = "\n".join(f"  {m['domain']}/{m['shard']}: {m['error']}" for m in failed)
         raise CurateError(f"{len(failed)} shard(s) failed (the others are done and will be skipped on a re-run; "
                           f"fix the input and run again):\n{lines}")
-    manifest = _finalize(src, out, inputs, markers, info, dtype, config_hash, eval_tokens, log)
+    manifest = _finalize(src, out, inputs, info, dtype, config_hash, eval_tokens, log)
     new_tokens = sum(markers[(j.domain, j.shard_id)]["tokens"] for j in jobs)
     # seconds: the Dask stage including cluster start; encode_seconds: first task submitted to last result
     manifest["run"] = {"shards_tokenized": len(jobs), "shards_skipped": len(inputs) - len(jobs),
@@ -291,7 +289,7 @@ def _run_jobs(jobs: list[ShardJob], workers: int | None, scheduler: str | None, 
     return done, seconds
 
 
-def _load_and_save(spec: str, out: Path, log):
+def _load_and_save(spec: str, out: Path):
     from pipeline.tokenizer_io import load_tokenizer
     tok = load_tokenizer(spec)
     tok.save(out)
@@ -329,7 +327,7 @@ def iter_texts(paths, batch_size: int = 1024):
             raise CurateError(f"cannot read {p} to train the tokenizer: {e}") from e
 
 
-def _finalize(src: Path, out: Path, inputs, markers: dict, info: dict, dtype: str, config_hash: str,
+def _finalize(src: Path, out: Path, inputs, info: dict, dtype: str, config_hash: str,
               eval_tokens: int, log) -> dict:
     """Choose the evaluation split, write eval streams and training segments, build the manifest."""
     by_domain: dict[str, list[tuple[str, str]]] = {}
@@ -359,13 +357,14 @@ def _finalize(src: Path, out: Path, inputs, markers: dict, info: dict, dtype: st
 def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: str, eval_tokens: int,
                   log) -> dict:
     """Hold out a domain's evaluation tokens; write eval/<domain>.* and train/<domain>.segments.npy."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(f"{prefix}.docs.parquet") for _, prefix in shards]
     offsets = [np.load(f"{prefix}.idx.npy") for _, prefix in shards]
     keys = np.concatenate([t.column("key").to_numpy() for t in tables])
     ntok = np.concatenate([t.column("tokens").to_numpy() for t in tables])
-    doc_ids = [i for t in tables for i in t.column("id").to_pylist()]
+    doc_ids = pa.chunked_array([t.column("id") for t in tables])   # Arrow: only the held-out ones become str
     shard_of = np.concatenate([np.full(t.num_rows, s) for s, t in enumerate(tables)])
     local = np.concatenate([np.arange(t.num_rows) for t in tables])
 
@@ -378,11 +377,11 @@ def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: 
         chosen = order[:min(n_eval, max(len(keys) // MAX_EVAL_FRACTION, 1))]
         held = [(int(shard_of[d]), int(offsets[shard_of[d]][local[d]]), int(offsets[shard_of[d]][local[d] + 1]))
                 for d in chosen]
-        split, eval_ids = "documents", [doc_ids[d] for d in chosen]
+        split, eval_ids = "documents", doc_ids.take(chosen).to_pylist()
     elif len(keys) == 1 and eval_tokens > 0 and ntok[0] >= MAX_EVAL_FRACTION:
         s, end = int(shard_of[0]), int(offsets[shard_of[0]][1])
         held = [(s, end - min(eval_tokens, int(ntok[0]) // MAX_EVAL_FRACTION), end)]
-        split, eval_ids = "tail-of-document", [doc_ids[0]]
+        split, eval_ids = "tail-of-document", [doc_ids[0].as_py()]
     else:
         held, split, eval_ids = [], "none", []
 

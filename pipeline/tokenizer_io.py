@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from filters.base import file_sha256
 from filters.errors import CurateError
 
 if TYPE_CHECKING:
@@ -101,10 +102,10 @@ def load_tokenizer(spec: str | Path) -> LoadedTokenizer:
             raise CurateError(f"tokenizer directory {p} has no tokenizer.json, tokenizer.model or tokenizer_config.json")
         source = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else None
         return _from_transformers(_auto_tokenizer(p), "hf-directory", spec,
-                                  _sha256_file(source) if source else None, fast_file=source)
+                                  file_sha256(source, "tokenizer") if source else None, fast_file=source)
     suffix = p.suffix.lower()
     if suffix == ".gguf":
-        return _from_transformers(_auto_tokenizer(p.parent, gguf_file=p.name), "gguf", spec, _sha256_file(p))
+        return _from_transformers(_auto_tokenizer(p.parent, gguf_file=p.name), "gguf", spec, file_sha256(p, "tokenizer"))
     if suffix == ".model":
         return _from_sentencepiece(p, spec)
     if suffix == ".json":
@@ -198,7 +199,7 @@ def _from_sentencepiece(p: Path, spec: str) -> LoadedTokenizer:
         (Path(tmp) / "tokenizer.model").symlink_to(p.resolve())
         tok = _auto_tokenizer(Path(tmp))
         # LLaMA's convention (sentencepiece `add_bos=True` in its reference code): BOS when defined
-        loaded = _from_transformers(tok, "sentencepiece", spec, _sha256_file(p), force_bos=sp.bos_id() >= 0)
+        loaded = _from_transformers(tok, "sentencepiece", spec, file_sha256(p, "tokenizer"), force_bos=sp.bos_id() >= 0)
     probe = "Hello world, this is a test 123 of the conversion.\nSecond line: é ü 中文"
     if loaded.tokenizer.encode(probe, add_special_tokens=False).ids != sp.encode(probe):
         raise CurateError(f"the fast tokenizer converted from {p} does not reproduce SentencePiece's encoding; "
@@ -214,7 +215,7 @@ def _from_tokenizer_json(p: Path, spec: str) -> LoadedTokenizer:
         raise CurateError(f"{p} is not a readable tokenizer.json: {e}") from e
     config = p.parent / "tokenizer_config.json"
     if config.is_file():    # a tokenizer.json inside a HF directory: let transformers read the config
-        return _from_transformers(_auto_tokenizer(p.parent), "tokenizer-json", spec, _sha256_file(p), fast_file=p)
+        return _from_transformers(_auto_tokenizer(p.parent), "tokenizer-json", spec, file_sha256(p, "tokenizer"), fast_file=p)
     eos = _find_special(fast, EOS_CANDIDATES)
     if eos is None:
         raise CurateError(f"{p} has none of the usual end-of-text tokens ({', '.join(EOS_CANDIDATES)}); put it "
@@ -222,7 +223,7 @@ def _from_tokenizer_json(p: Path, spec: str) -> LoadedTokenizer:
     bos = _find_special(fast, BOS_CANDIDATES)
     ids = fast.encode("a").ids     # with the post-processor: does it prepend BOS itself?
     add_bos = bos is not None and len(ids) > 0 and ids[0] == bos
-    return LoadedTokenizer(fast, "tokenizer-json", spec, _sha256_file(p), eos, bos, add_bos)
+    return LoadedTokenizer(fast, "tokenizer-json", spec, file_sha256(p, "tokenizer"), eos, bos, add_bos)
 
 
 def _find_special(fast, names: Iterable[str]) -> int | None:
@@ -231,11 +232,3 @@ def _find_special(fast, names: Iterable[str]) -> int | None:
         if i is not None:
             return i
     return None
-
-
-def _sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

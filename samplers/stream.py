@@ -255,6 +255,7 @@ class _WorkerFeed:
     """A DataLoader over one stretch of constant weights; dropped at the next update."""
 
     def __init__(self, stream: DomainStream, batch_size: int) -> None:
+        import torch
         from torch.utils.data import DataLoader
 
         self.batch_size = batch_size
@@ -262,7 +263,11 @@ class _WorkerFeed:
         loader = DataLoader(_SequenceReader(stream.tokens, stream.domains, stream.seq_len), batch_size=None,
                             sampler=self.planner, num_workers=stream.num_workers,
                             prefetch_factor=stream.prefetch_factor,
-                            multiprocessing_context=stream.multiprocessing_context)
+                            multiprocessing_context=stream.multiprocessing_context,
+                            # its own generator: otherwise the DataLoader draws its workers' base seed
+                            # from the global torch RNG (the model's gate noise) and the run would
+                            # depend on the number of workers (the workers draw no random numbers)
+                            generator=torch.Generator())
         self.it = iter(loader)
 
     def next(self):

@@ -117,7 +117,7 @@ def test_dynamic_updates_on_schedule_and_towards_high_loss(tokens):
     assert [h["tokens"] for h in stream.history] == [0] + updates
     assert all(h["reference"] == stream.reference for h in stream.history[1:])
     # the stream follows: GitHub's share of the last batches far above its uniform 1/7
-    assert np.mean(github_share[-10:]) > 0.5 > 1 / 7 > np.mean(github_share[:5]) / 2
+    assert np.mean(github_share[-10:]) > 0.5 and np.mean(github_share[:5]) < 2 / 7
 
 
 def test_measured_reference(tokens):
@@ -146,7 +146,6 @@ def test_exact_resume_across_a_weight_update(tokens):
         resumed.load_state_dict(state)
         rest, rest_doms = take(resumed, 190 - k, 8, {60 - k: bump[60]})
         resumed.close()
-        assert rest.shape[0] >= 1000
         assert torch.equal(rest, full[k * 8:]) and rest_doms == full_doms[k * 8:], workers
         assert resumed.state_dict() == ref_stream.state_dict()
     other = quiet_stream(tokens, cfg, SEQ, seed=4)

@@ -83,8 +83,8 @@ def check_layout(tokdir: Path, docs: dict[str, list[dict]], encode) -> dict:
             # held out = the documents with the smallest id hashes; the training stream is every
             # other document in input order, and no held-out id is in it
             assert eval_ids == sorted(by_id, key=doc_key)[:len(eval_ids)]
-            train_ids = [i for i in encoded if i not in set(eval_ids)]
-            assert not set(train_ids) & set(eval_ids)
+            held = set(eval_ids)
+            train_ids = [i for i in encoded if i not in held]
             expect_train = np.concatenate([encoded[i] for i in train_ids])
             expect_eval = np.concatenate([encoded[i] for i in eval_ids])
             assert os.path.getsize(tokdir / info["eval_file"]) == len(expect_eval) * dtype.itemsize

@@ -225,10 +225,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.ctx.device)
         aux_sum = torch.zeros((), device=self.ctx.device)
         for micro in range(self.accum):
-            # A DataLoader (dataloader_workers > 0) seeds its workers from the global torch RNG; keep
-            # that draw out of the gate-noise stream, or the run would depend on the worker count.
-            with torch.random.fork_rng(devices=[]):
-                batch, _ = self.stream.next_batch(d.micro_batch_size)
+            batch, _ = self.stream.next_batch(d.micro_batch_size)
             batch = torch.as_tensor(batch).to(self.ctx.device, non_blocking=True)
             with gradient_sync(self.model, sync=micro == self.accum - 1):
                 with self.autocast():
