@@ -323,13 +323,9 @@ def device_info(device) -> dict:
 
 
 def peak_flops(a, device) -> float | None:
-    if a.peak_tflops:
-        return a.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        if "H100" in name or "H200" in name:
-            return (756e12 if "PCIe" in name else 989e12)
-    return None
+    from trainer.metrics import peak_flops as known_peak     # the trainer's table: comparable MFU
+
+    return a.peak_tflops * 1e12 if a.peak_tflops else known_peak(device)
 
 
 def main(argv=None) -> int:

@@ -158,3 +158,10 @@ def test_every_method_converts():
         model, cfg = convert(method, experts=4, top_k=2, gate="noisy-mlp")
         out = model.train()(calib(2)[:, :-1], labels=calib(2)[:, 1:])
         assert torch.isfinite(out.loss) and out.aux_loss.item() > 0
+
+
+def test_sharing_inner_takes_one_calibration_group_per_expert_when_counts_do_not_divide():
+    # 9 sequences for 6 experts: chunk() would give 5 groups; every expert needs its own
+    model, cfg = build_moe(dense_model(), ConvertSettings(experts=6, top_k=2, method="sharing-inner"),
+                           calib(9), "test tokens", log=lambda s: None)
+    assert cfg.moe.num_experts == 6 and len(model.moe_layers()) == len(model.layers)

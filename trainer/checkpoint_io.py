@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from filters.errors import CurateError
+from filters.files import read_yaml
 from trainer.model import LlamaMoE, ModelConfig
 
 FORMAT = "llama-moe-curate"
@@ -36,9 +36,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     kind = model_kind(p)
     if kind == "ours":
         model, cfg = _load_ours(p)
-    elif kind == "hf":
-        model, cfg = _load_hf(p)
-    elif kind == "gguf":
+    elif kind in ("hf", "gguf"):
         model, cfg = _load_hf(p)
     else:
         cfg = load_config_file(p)
@@ -77,10 +75,7 @@ def read_record(path: str | Path) -> dict:
 
 
 def load_config_file(p: Path) -> ModelConfig:
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise CurateError(f"{p}: not valid YAML/JSON: {e}") from None
+    raw = read_yaml(p, "model config")
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]
     return ModelConfig.from_dict(raw, where=str(p))
@@ -106,11 +101,8 @@ def save_state_dict(state_dict: dict, cfg: ModelConfig, path: str | Path, extra:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        tensors = {}
-        for k, v in state_dict.items():
-            if hasattr(v, "full_tensor"):  # an FSDP2 DTensor: gather it (a collective on every rank)
-                v = v.full_tensor()
-            tensors[k] = v.detach().to("cpu").contiguous()
+        # plain tensors: under FSDP2 the caller gathers a full CPU state dict first (full_model_state)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), "record": extra or {}}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))

@@ -200,7 +200,7 @@ def build_moe(dense: LlamaMoE, s: ConvertSettings, calibration: torch.Tensor | N
     if s.method.startswith("sharing"):
         if calibration is None or calibration.shape[0] < s.experts:
             raise CurateError(f"{s.method} needs at least {s.experts} calibration sequences (one group per expert)")
-        groups = list(calibration.chunk(s.experts))[: s.experts]
+        groups = list(calibration.tensor_split(s.experts))   # exactly one group per expert
         log(f"importance: first-order Taylor scores on {calibration.shape[0]} sequences x "
             f"{calibration.shape[1] - 1} tokens, {len(groups)} groups (one per expert)")
         scores = taylor_scores(dense, groups)
@@ -370,5 +370,4 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
             log(f"calibration: {note}")
     elif calib_data is not None:
         log(f"note: --calib-data is not used by {method}")
-    torch.manual_seed(seed)
     return build_moe(model, s, calib, note, log)

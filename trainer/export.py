@@ -130,7 +130,7 @@ def to_mixtral(model, cfg):
             else:
                 raise CurateError(f"this transformers version's Mixtral has a weight {key} that export does not know")
     with torch.no_grad():
-        hf.load_state_dict({k: v.detach().float().clone() for k, v in state.items()}, strict=True)
+        hf.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=True)   # copies into hf
     return hf
 
 

@@ -105,7 +105,8 @@ def _finite(record: dict) -> dict:
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the GPUs we know; anything else needs train.peak_flops.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# First match wins, so the more specific names come first.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 def peak_flops(device) -> float | None:

@@ -365,7 +365,7 @@ class Experts(nn.Module):
     def _grouped(self, xs: torch.Tensor, ws: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         dt = self._compute_dtype(xs)
         offs = ends.to(torch.int32)
-        h = _GroupedLinear.apply(xs.to(dt), self.gate_up_proj.to(dt), offs)
+        h = _GroupedLinear.apply(xs, self.gate_up_proj.to(dt), offs)     # xs: already in dt (forward)
         gate, up = h.chunk(2, dim=-1)
         act = (F.silu(gate) * up * ws).to(dt)
         return _GroupedLinear.apply(act, self.down_proj.to(dt), offs)
