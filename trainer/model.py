@@ -9,7 +9,6 @@ is the mean cross-entropy of logits[b, t] against labels[b, t] over positions wh
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -242,24 +241,8 @@ class LlamaMoE(nn.Module):
     def expert_load(self) -> dict[int, torch.Tensor]:
         """{layer: [E] fraction of the routed (token, slot) pairs each expert received} from the last
         forward. Device tensors: call .tolist() when you log (that is the only sync)."""
-        return {i: m.last_load for i, m in self.moe_layers().items() if m.last_load is not None}
-
-    @contextmanager
-    def capture_routing(self):
-        """Within this context every MoE layer keeps the top-k indices of its last forward; read them
-        with `routing()`. Off by default, so training keeps no extra tensors."""
-        layers = self.moe_layers().values()
-        for m in layers:
-            m.record_routing = True
-        try:
-            yield self
-        finally:
-            for m in layers:
-                m.record_routing = False
-
-    def routing(self) -> dict[int, torch.Tensor]:
-        """{layer: LongTensor [B, T, k]} expert indices of the last forward run under capture_routing()."""
-        return {i: m.last_routing for i, m in self.moe_layers().items() if m.last_routing is not None}
+        return {i: m.last_counts / m.last_counts.sum() for i, m in self.moe_layers().items()
+                if m.last_counts is not None}
 
     def set_expert_impl(self, impl: str) -> None:
         """"auto" (grouped_mm on CUDA in bf16, exact loop elsewhere), "grouped" or "loop"."""

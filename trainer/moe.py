@@ -394,9 +394,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg.num_experts, hidden_size, cfg.expert_size)
         self.shared = MLP(hidden_size, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else None
         self.impl = "auto"            # "grouped" / "loop" force a path (tests, benchmarks)
-        self.record_routing = False   # keep the last top-k indices for routing analysis
-        self.last_load: torch.Tensor | None = None
-        self.last_routing: torch.Tensor | None = None
+        self.last_counts: torch.Tensor | None = None   # [E] routed (token, slot) pairs per expert, last forward
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H = x.shape
@@ -406,6 +404,5 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
         # Kept as device tensors: reading them is the caller's choice (and its sync).
-        self.last_load = (r.counts / r.indices.numel()).detach()
-        self.last_routing = r.indices.view(B, T, -1).detach() if self.record_routing else None
+        self.last_counts = r.counts.detach()
         return y.view(B, T, H), r.aux_loss

@@ -95,18 +95,20 @@ def measure_routing(model, sequences: dict[str, np.ndarray], batch_size: int = 8
         raise CurateError("this checkpoint is a dense model: there is no routing to analyse")
     num_experts = next(iter(moe.values())).cfg.num_experts
     domains = list(sequences)
-    counts = {layer: np.zeros((len(domains), num_experts), dtype=np.int64) for layer in moe}
+    # summed on the device from each layer's own counts (MoELayer.last_counts); read back once
+    sums = {layer: torch.zeros(len(domains), num_experts, dtype=torch.float64, device=device) for layer in moe}
     tokens = {d: 0 for d in domains}
     model.eval()
-    with torch.no_grad(), model.capture_routing():
+    with torch.no_grad():
         for di, dom in enumerate(domains):
             seqs = sequences[dom]
             for start in range(0, len(seqs), batch_size):
                 batch = torch.as_tensor(seqs[start:start + batch_size], dtype=torch.long, device=device)
                 model(batch)
                 tokens[dom] += batch.numel()
-                for layer, idx in model.routing().items():
-                    counts[layer][di] += torch.bincount(idx.reshape(-1), minlength=num_experts).cpu().numpy()
+                for layer, m in moe.items():
+                    sums[layer][di] += m.last_counts
+    counts = {layer: s.cpu().numpy().round().astype(np.int64) for layer, s in sums.items()}
     return RoutingReport(domains=domains, tokens=tokens, counts=counts)
 
 
