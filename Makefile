@@ -45,7 +45,7 @@ test: venv kenlm-tools
 
 bench: venv kenlm-tools
 	$(PIP) install -q -e ".[bench]"
-	@echo "benchmarks: see benchmarks/README.md"
+	@echo "benchmarks: scripts in benchmarks/, latest figures in benchmarks/RESULTS.md"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -322,7 +322,7 @@ def main() -> int:
         f"Ads model: `curate train-classifier --task ads` defaults on `curate sample` labels ({info['ads_model_mb']:.0f} MB); "
         f"KenLM: order 5 on the sample's Books + Wikipedia text ({info['lm_model_mb']:.0f} MB).",
         "Every process pinned to CPU 0 (`taskset -c 0`), timed whole: interpreter start, model loading and (for curate) "
-        "the Dask cluster start and the model checks on the driver included. CPU seconds are user + system of the "
+        "the Dask cluster start and the start-up model check on the workers included. CPU seconds are user + system of the "
         "whole process tree; on a shared machine they are the steadier figure (wall time includes waiting for the "
         "core).",
         "",
