@@ -62,25 +62,13 @@ class PackedTokens:
         b = self.manifest.get("bos_id")
         return None if b is None else int(b)
 
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.root / "tokenizer.json"
-
     def train_tokens(self, domain: str) -> int:
         return int(self._info(domain)["train_tokens"])
-
-    def eval_tokens(self, domain: str) -> int:
-        return int(self._info(domain)["eval_tokens"])
 
     def num_sequences(self, domain: str, seq_len: int) -> int:
         """Packed training sequences per epoch (at least 1 when the domain has any tokens)."""
         n = self.train_tokens(domain)
         return 0 if n == 0 else max(1, (n - 1) // seq_len)
-
-    def load_tokenizer(self):
-        """The `tokenizers.Tokenizer` the shards were made with (for decoding)."""
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(self.tokenizer_path))
 
     # -- reading -------------------------------------------------------------------------------
     def train_window(self, domain: str, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -40,8 +40,7 @@ class DomainExhaustedWarning(UserWarning):
 
 class DomainStream:
     def __init__(self, tokens: PackedTokens, cfg: SamplerConfig, seq_len: int, seed: int | None = None,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2,
-                 multiprocessing_context: str | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2) -> None:
         if seq_len < 1:
             raise CurateError(f"seq_len must be >= 1, got {seq_len}")
         if not 0 <= rank < world_size:
@@ -52,7 +51,6 @@ class DomainStream:
         self.seed = cfg.seed if seed is None else int(seed)
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
 
         empty = [d for d in tokens.domains if tokens.train_tokens(d) == 0]
         self.domains = [d for d in tokens.domains if tokens.train_tokens(d) > 0]
@@ -263,7 +261,6 @@ class _WorkerFeed:
         loader = DataLoader(_SequenceReader(stream.tokens, stream.domains, stream.seq_len), batch_size=None,
                             sampler=self.planner, num_workers=stream.num_workers,
                             prefetch_factor=stream.prefetch_factor,
-                            multiprocessing_context=stream.multiprocessing_context,
                             # its own generator: otherwise the DataLoader draws its workers' base seed
                             # from the global torch RNG (the model's gate noise) and the run would
                             # depend on the number of workers (the workers draw no random numbers)
