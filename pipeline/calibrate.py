@@ -103,26 +103,40 @@ def _summary(before: FilterConfig, after: FilterConfig) -> str:
     return "\n".join(lines)
 
 
+def _sample(cfg: FilterConfig, shards: list[Shard], run_key: str) -> tuple[list[Shard], int, str]:
+    picked = sample_shards(shards, cfg.calibration.max_shards)
+    per_shard = max(1, math.ceil(cfg.calibration.max_docs / len(picked)))
+    return picked, per_shard, _cache_key(run_key, picked, per_shard)
+
+
+def known(cfg: FilterConfig, shards: list[Shard], run_key: str, cache: str | Path) -> FilterConfig | None:
+    """The resolved config without calibrating: `cfg` itself when it has no `drop_fraction`, the
+    cached thresholds when `cache` holds them for this run key; None when calibration must run."""
+    if not cfg.needs_calibration():
+        return cfg
+    cache = Path(cache)
+    if not cache.is_file():
+        return None
+    stored = json.loads(cache.read_text())
+    if stored.get("key") != _sample(cfg, shards, run_key)[2]:
+        return None
+    resolved = parse_filter_config(stored["config"], where=str(cache))
+    resolved.source = cfg.source
+    print(f"calibration: reusing the thresholds in {cache}", file=sys.stderr)
+    return resolved
+
+
 def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, client,
             run_key: str, cache: str | Path | None = None) -> FilterConfig:
     """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none).
     `run_key` is `stages.run_hash` of `cfg`: it names the workers' loaded chain (reused here) and
     keys the cached thresholds."""
     check_domains(cfg, dataset)
+    if cache is not None and (done := known(cfg, shards, run_key, cache)) is not None:
+        return done
     if not cfg.needs_calibration():
         return cfg
-    picked = sample_shards(shards, cfg.calibration.max_shards)
-    per_shard = max(1, math.ceil(cfg.calibration.max_docs / len(picked)))
-    key = _cache_key(run_key, picked, per_shard)
-    cache = Path(cache) if cache else None
-    if cache is not None and cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored.get("key") == key:
-            resolved = parse_filter_config(stored["config"], where=str(cache))
-            resolved.source = cfg.source
-            print(f"calibration: reusing the thresholds in {cache}", file=sys.stderr)
-            return resolved
-
+    picked, per_shard, key = _sample(cfg, shards, run_key)
     futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard, run_key=run_key,
                          key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
     parts = client.gather(futures)
@@ -136,5 +150,5 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
     print(f"calibration: scored {len(domains)} documents from {len(picked)} shard(s)\n"
           + _summary(cfg, resolved), file=sys.stderr)
     if cache is not None:
-        write_atomic(cache, json.dumps({"key": key, "config": resolved.to_dict()}, indent=1).encode())
+        write_atomic(Path(cache), json.dumps({"key": key, "config": resolved.to_dict()}, indent=1).encode())
     return resolved

@@ -82,17 +82,22 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
     with dask_client(workers=workers, scheduler=scheduler) as client:
         # every worker loads the models before any shard is read (or anything is written): a
         # corrupt model stops the run here
+        # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
+        # so the manifest and a re-run see the same thresholds (cached beside the output). When they
+        # are already known, the workers load the final chain once.
         h = run_hash(cfg, models, ds)
+        calibrate.check_domains(cfg, ds)
+        resolved = calibrate.known(cfg, shards, h, out_dir / "calibration.json")
+        if resolved is not None:
+            cfg, h = resolved, run_hash(resolved, models, ds)
         load_on_workers(client, cfg, h)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)
-        # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
-        # so the manifest and a re-run see the same thresholds (cached beside the output)
-        cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json")
+        if resolved is None:
+            cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json")
+            h = run_hash(cfg, models, ds)      # calibration changes thresholds, not model files
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]
-        models = model_hashes(descriptions)
-        h = run_hash(cfg, models, ds)
         columns = score_columns([c for f in chain for c in f.columns])
 
         results: dict[str, dict] = {}
