@@ -80,8 +80,6 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
     models = model_hashes([f.describe() for f in build_filters(cfg)])
 
     with dask_client(workers=workers, scheduler=scheduler) as client:
-        # every worker loads the models before any shard is read (or anything is written): a
-        # corrupt model stops the run here
         # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
         # so the manifest and a re-run see the same thresholds (cached beside the output). When they
         # are already known, the workers load the final chain once.
@@ -90,6 +88,8 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         resolved = calibrate.known(cfg, shards, h, out_dir / "calibration.json")
         if resolved is not None:
             cfg, h = resolved, run_hash(resolved, models, ds)
+        # every worker loads the models before any shard is read (or anything is written): a
+        # corrupt model stops the run here
         load_on_workers(client, cfg, h)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)
