@@ -4,6 +4,8 @@ Variants (bf16 autocast on CUDA, fp32 weights, fused AdamW, blocks compiled unle
   dense-matched   our LLaMA with a dense FFN of top_k * expert_size neurons: the same FLOPs per token
   dense-full      our LLaMA with the original FFN (experts * expert_size neurons)
   moe-grouped     our LLaMA-MoE, experts through torch.nn.functional.grouped_mm
+  moe-grouped-torch   the same without trainer/kernels.py's Triton kernel (the activation's backward
+                  as inductor compiles it)
   moe-loop        the same model, one expert at a time (what LLaMA-MoE does; it syncs once per layer)
   hf-grouped      transformers' MixtralForCausalLM with experts_implementation="grouped_mm" (stock, eager)
   hf-eager        the same with transformers' per-expert loop (slow; not run unless asked)
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 from trainer.model import LlamaMoE, ModelConfig  # noqa: E402
 from trainer.moe import MLP, MoEConfig, MoELayer  # noqa: E402
 
-ALL_VARIANTS = ("dense-matched", "dense-full", "moe-grouped", "moe-loop", "hf-grouped", "hf-eager")
+ALL_VARIANTS = ("dense-matched", "dense-full", "moe-grouped", "moe-grouped-torch", "moe-loop", "hf-grouped", "hf-eager")
 DEFAULT_VARIANTS = ("dense-matched", "dense-full", "moe-grouped", "moe-loop", "hf-grouped")
 
 
@@ -103,10 +105,12 @@ def build_models(a, device) -> tuple[dict, dict, ModelConfig]:
     m = mcfg.moe
     matched = ModelConfig(**{**dcfg.to_dict(), "intermediate_size": m.top_k * m.expert_size, "moe": None})
 
-    def ours(cfg, model=None, impl="auto"):
+    def ours(cfg, model=None, impl="auto", triton_kernels=None):
         def make():
             mod = copy.deepcopy(model) if model is not None else LlamaMoE(cfg)
             mod.set_expert_impl(impl)
+            for layer in mod.moe_layers().values():
+                layer.experts.triton_kernels = triton_kernels
             return mod, cfg, False
         return make
 
@@ -124,6 +128,7 @@ def build_models(a, device) -> tuple[dict, dict, ModelConfig]:
         "dense-full": ours(dcfg, dense),
         "moe-grouped": ours(mcfg, moe, "grouped" if device.type == "cuda" or a.smoke else "auto"),
         "moe-loop": ours(mcfg, moe, "loop"),
+        "moe-grouped-torch": ours(mcfg, moe, "grouped" if device.type == "cuda" or a.smoke else "auto", False),
         "hf-grouped": hf("grouped_mm"),
         "hf-eager": hf("eager"),
     }
@@ -191,10 +196,11 @@ def time_layer(kind: str, mcfg: ModelConfig, a, device) -> dict:
     torch.manual_seed(0)
     if kind == "dense-matched":
         layer = MLP(H, m.top_k * m.expert_size)
-    elif kind in ("moe-grouped", "moe-loop"):
+    elif kind in ("moe-grouped", "moe-grouped-torch", "moe-loop"):
         layer = MoELayer(m, H)
         layer.router.gate.reset("random")
         layer.impl = "loop" if kind == "moe-loop" else ("grouped" if device.type == "cuda" or a.smoke else "auto")
+        layer.experts.triton_kernels = False if kind == "moe-grouped-torch" else None
         torch.nn.init.normal_(layer.experts.gate_up_proj, std=0.02)
         torch.nn.init.normal_(layer.experts.down_proj, std=0.02)
     else:
@@ -208,7 +214,7 @@ def time_layer(kind: str, mcfg: ModelConfig, a, device) -> dict:
             torch.nn.init.normal_(p, std=0.02)
     layer.to(device).train()
     run = layer
-    if not a.no_compile and kind in ("dense-matched", "moe-grouped"):
+    if not a.no_compile and kind in ("dense-matched", "moe-grouped", "moe-grouped-torch"):
         run = torch.compile(layer, mode=a.compile_mode)
     x = torch.randn(a.batch, a.seq, H, device=device, requires_grad=True)
     t0 = None
@@ -250,9 +256,20 @@ def check_grouped(mcfg: ModelConfig, device) -> dict:
             y, aux = layer(xi)
         (y.float().square().mean() + aux).backward()
         results[impl] = (y.float().detach(), xi.grad.float(), layer.experts.gate_up_proj.grad.float())
-    rel = [((g - l).abs().max() / l.abs().max().clamp_min(1e-12)).item()
-           for g, l in zip(results["grouped"], results["loop"])]
-    out = {"grouped_vs_loop_rel_max": {"output": rel[0], "grad_input": rel[1], "grad_gate_up": rel[2]}}
+    layer.impl = "grouped"
+    layer.experts.triton_kernels = False
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    with autocast(device):
+        y, aux = layer(xi)
+    (y.float().square().mean() + aux).backward()
+    results["grouped-torch"] = (y.float().detach(), xi.grad.float(), layer.experts.gate_up_proj.grad.float())
+    layer.experts.triton_kernels = None
+
+    def rel(a, b):
+        r = [((g - l).abs().max() / l.abs().max().clamp_min(1e-12)).item() for g, l in zip(results[a], results[b])]
+        return {"output": r[0], "grad_input": r[1], "grad_gate_up": r[2]}
+    out = {"grouped_vs_loop_rel_max": rel("grouped", "loop"), "triton_vs_torch_kernels_rel_max": rel("grouped", "grouped-torch")}
     if device.type == "cuda":
         layer.impl = "grouped"
         xi = x.clone().requires_grad_()
@@ -270,7 +287,33 @@ def check_grouped(mcfg: ModelConfig, device) -> dict:
     return out
 
 
-def profile_moe(make, a, device) -> list[dict]:
+# Kernel name patterns -> what the kernel does, checked in order (compiled Triton kernels first: their
+# names list the ops they fused, which would otherwise match the later patterns).
+KERNEL_CATEGORIES = (
+    ("permutation gathers (compiled)", ("triton_",), ("index_select", "gather")),
+    ("norms, activations, rope (compiled)", ("triton_",), ()),
+    ("expert grouped GEMMs", ("cutlass",), ()),
+    ("GEMMs", ("nvjet", "gemm", "Gemm", "splitK", "xmma"), ()),
+    ("attention", ("sdpa", "flash", "fmha", "cudnn"), ()),
+    ("loss (log-softmax over the vocabulary)", ("SoftMax", "softmax", "nll"), ()),
+    ("optimizer (fused AdamW)", ("multi_tensor_apply", "adam"), ()),
+    ("sort, top-k, searchsorted", ("sort", "Sort", "radix", "Radix", "topk", "TopK", "bitonic", "searchsorted"), ()),
+    ("casts and copies", ("copy", "Copy", "cast"), ()),
+    ("scatter, index, fill, reductions", ("scatter", "index", "fill", "Fill", "memset", "Memset", "reduce", "Reduce"), ()),
+)
+
+
+def kernel_category(name: str) -> str:
+    for category, patterns, also in KERNEL_CATEGORIES:
+        if any(p in name for p in patterns) and (not also or any(p in name for p in also)):
+            return category
+    return "other"
+
+
+def profile_moe(make, a, device) -> dict:
+    """Profile two whole steps (optimizer included): the top ops, and every GPU kernel's time per
+    step summed by what it does (KERNEL_CATEGORIES), which is what the dense-vs-MoE comparison reads."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     model, cfg, _ = make()
@@ -297,12 +340,37 @@ def profile_moe(make, a, device) -> list[dict]:
             step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
     print(table)
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:25]
-    total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
-    return [{"name": e.key, "self_us_per_step": getattr(e, key, 0) / 2, "share": getattr(e, key, 0) / total}
-            for e in rows]
+    events = prof.key_averages()
+    # GPU-side events, less the profiler's own ranges ("Optimizer.step#AdamW.step" spans the optimizer's
+    # kernels, which are counted themselves)
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith(("Optimizer.", "ProfilerStep"))),
+                     key=lambda e: getattr(e, key), reverse=True)
+    categories: dict[str, float] = {}
+    for e in kernels:
+        cat = kernel_category(e.key)
+        categories[cat] = categories.get(cat, 0.0) + getattr(e, key) / 2 / 1000
+    return {"ms_per_step_by_category": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "kernels": [{"name": e.key, "category": kernel_category(e.key), "calls_per_step": e.count / 2,
+                         "ms_per_step": getattr(e, key) / 2 / 1000} for e in kernels]}
+
+
+def print_profile_comparison(results: dict) -> None:
+    """GPU time per step by category for every profiled variant side by side, and MoE minus dense."""
+    profiled = {k[len("profile_"):]: v["ms_per_step_by_category"] for k, v in results.items() if k.startswith("profile_")}
+    if not profiled:
+        return
+    names = list(profiled)
+    cats = sorted({c for v in profiled.values() for c in v}, key=lambda c: -max(v.get(c, 0) for v in profiled.values()))
+    diff = "dense_matched" in profiled and "moe_grouped" in profiled
+    print(f"\nGPU ms per step by kernel category\n{'category':42s}" + "".join(f"{n:>15s}" for n in names)
+          + (f"{'moe - dense':>13s}" if diff else ""))
+    for c in cats + ["total"]:
+        vals = [sum(v.values()) if c == "total" else v.get(c, 0.0) for v in profiled.values()]
+        extra = f"{profiled['moe_grouped'].get(c, 0) - profiled['dense_matched'].get(c, 0):>+13.2f}" if diff and c != "total" \
+            else (f"{vals[names.index('moe_grouped')] - vals[names.index('dense_matched')]:>+13.2f}" if diff else "")
+        print(f"{c:42s}" + "".join(f"{x:>15.2f}" for x in vals) + extra)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -341,7 +409,7 @@ def main(argv=None) -> int:
     print(f"checks: {results['checks']}")
 
     if not a.no_layer:
-        for kind in ("dense-matched", "moe-grouped", "moe-loop", "hf-grouped"):
+        for kind in ("dense-matched", "moe-grouped", "moe-grouped-torch", "moe-loop", "hf-grouped"):
             if kind in a.variants or kind == "dense-matched":
                 results["layer"][kind] = time_layer(kind, mcfg, a, device)
                 print(f"layer {kind:14s} {results['layer'][kind]['tokens_per_s']:>12,.0f} tokens/s")
@@ -373,6 +441,7 @@ def main(argv=None) -> int:
             results[f"profile_{name.replace('-', '_')}"] = profile_moe(builders[name], a, device)
 
     results["ratios"] = ratios(results)
+    print_profile_comparison(results)
     print_table(results)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1, default=str))
@@ -386,7 +455,7 @@ def ratios(results: dict) -> dict:
         r = {k: v["tokens_per_s"] for k, v in results[level].items() if "tokens_per_s" in v}
         if "moe-grouped" not in r:
             continue
-        for ref in ("dense-matched", "moe-loop", "hf-grouped", "hf-eager", "dense-full"):
+        for ref in ("dense-matched", "moe-loop", "hf-grouped", "hf-eager", "dense-full", "moe-grouped-torch"):
             if ref in r:
                 out[f"{level}: moe-grouped / {ref}"] = r["moe-grouped"] / r[ref]
     return out
