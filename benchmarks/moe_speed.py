@@ -293,6 +293,7 @@ KERNEL_CATEGORIES = (
     ("permutation gathers (compiled)", ("triton_",), ("index_select", "gather")),
     ("norms, activations, rope (compiled)", ("triton_",), ()),
     ("expert grouped GEMMs", ("cutlass",), ()),
+    ("expert activation backward (trainer/kernels.py)", ("_swiglu_weighted",), ()),
     ("GEMMs", ("nvjet", "gemm", "Gemm", "splitK", "xmma"), ()),
     ("attention", ("sdpa", "flash", "fmha", "cudnn"), ()),
     ("loss (log-softmax over the vocabulary)", ("SoftMax", "softmax", "nll"), ()),
