@@ -63,8 +63,9 @@ if triton is not None:
 
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_I": i}, num_warps=w)
                 for m, i, w in ((4, 256, 4), (8, 256, 4), (8, 128, 4), (16, 128, 8), (16, 256, 8))]
-    # Tuned once per shape (a training run has one); the interpreter times nothing, so it gets one
-    # small fixed block instead.
+    # Tuned on the first call of each shape, which waits on the GPU while it times the configs; a training
+    # run has one shape (dropless routing: always tokens x k rows). The interpreter times nothing, so it
+    # gets one small fixed block instead.
     _tuned = (triton.heuristics({"BLOCK_M": lambda _: 4, "BLOCK_I": lambda _: 16}) if _INTERPRET
               else triton.autotune(configs=_CONFIGS, key=["M", "I"]))
 
