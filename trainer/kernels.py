@@ -38,7 +38,13 @@ def swiglu_weighted(h: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype,
                     use_triton: bool | None = None) -> torch.Tensor:
     """act = silu(gate) * up * ws with h = [gate | up] ([M, 2I]) and ws [M, 1], in out_dtype."""
     if triton_runs_on(h) if use_triton is None else use_triton:
+        if triton is None:
+            raise RuntimeError("swiglu_weighted(use_triton=True) needs triton, which is not installed")
         return _SwiGLUWeighted.apply(h, ws, out_dtype)
+    return _swiglu_weighted_torch(h, ws, out_dtype)
+
+
+def _swiglu_weighted_torch(h: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
     return (F.silu(gate) * up * ws).to(out_dtype)
 
@@ -49,8 +55,7 @@ class _SwiGLUWeighted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(h, ws)
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) * up * ws).to(out_dtype)
+        return _swiglu_weighted_torch(h, ws, out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
