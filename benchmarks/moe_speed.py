@@ -105,6 +105,8 @@ def build_models(a, device) -> tuple[dict, dict, ModelConfig]:
     m = mcfg.moe
     matched = ModelConfig(**{**dcfg.to_dict(), "intermediate_size": m.top_k * m.expert_size, "moe": None})
 
+    grouped = grouped_impl(a, device)
+
     def ours(cfg, model=None, impl="auto", triton_kernels=None):
         def make():
             mod = copy.deepcopy(model) if model is not None else LlamaMoE(cfg)
@@ -126,15 +128,20 @@ def build_models(a, device) -> tuple[dict, dict, ModelConfig]:
     builders = {
         "dense-matched": ours(matched),
         "dense-full": ours(dcfg, dense),
-        "moe-grouped": ours(mcfg, moe, "grouped" if device.type == "cuda" or a.smoke else "auto"),
+        "moe-grouped": ours(mcfg, moe, grouped),
         "moe-loop": ours(mcfg, moe, "loop"),
-        "moe-grouped-torch": ours(mcfg, moe, "grouped" if device.type == "cuda" or a.smoke else "auto", False),
+        "moe-grouped-torch": ours(mcfg, moe, grouped, False),
         "hf-grouped": hf("grouped_mm"),
         "hf-eager": hf("eager"),
     }
     info = {"source": source, "dense_config": dcfg.to_dict(), "moe_config": {**mcfg.to_dict(), "moe": {
         k: v for k, v in m.to_dict().items() if k != "partition"}}, "matched_dense_ffn": matched.intermediate_size}
     return builders, info, mcfg
+
+
+def grouped_impl(a, device) -> str:
+    """The expert path the moe-grouped variants force: grouped_mm on CUDA (and in the CPU smoke run)."""
+    return "grouped" if device.type == "cuda" or a.smoke else "auto"
 
 
 def set_hf_experts(model, impl: str) -> None:
@@ -199,7 +206,7 @@ def time_layer(kind: str, mcfg: ModelConfig, a, device) -> dict:
     elif kind in ("moe-grouped", "moe-grouped-torch", "moe-loop"):
         layer = MoELayer(m, H)
         layer.router.gate.reset("random")
-        layer.impl = "loop" if kind == "moe-loop" else ("grouped" if device.type == "cuda" or a.smoke else "auto")
+        layer.impl = "loop" if kind == "moe-loop" else grouped_impl(a, device)
         layer.experts.triton_kernels = False if kind == "moe-grouped-torch" else None
         torch.nn.init.normal_(layer.experts.gate_up_proj, std=0.02)
         torch.nn.init.normal_(layer.experts.down_proj, std=0.02)
@@ -248,28 +255,23 @@ def check_grouped(mcfg: ModelConfig, device) -> dict:
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(2, 256, H, device=device)
     results = {}
-    for impl in ("loop", "grouped"):
-        layer.impl = impl
+    # (impl, triton_kernels): the exact loop, the grouped path, and the grouped path without the Triton kernel
+    for name, impl, triton_kernels in (("loop", "loop", None), ("grouped", "grouped", None),
+                                       ("grouped-torch", "grouped", False)):
+        layer.impl, layer.experts.triton_kernels = impl, triton_kernels
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         with autocast(device):
             y, aux = layer(xi)
         (y.float().square().mean() + aux).backward()
-        results[impl] = (y.float().detach(), xi.grad.float(), layer.experts.gate_up_proj.grad.float())
-    layer.impl = "grouped"
-    layer.experts.triton_kernels = False
-    layer.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_()
-    with autocast(device):
-        y, aux = layer(xi)
-    (y.float().square().mean() + aux).backward()
-    results["grouped-torch"] = (y.float().detach(), xi.grad.float(), layer.experts.gate_up_proj.grad.float())
+        results[name] = (y.float().detach(), xi.grad.float(), layer.experts.gate_up_proj.grad.float())
     layer.experts.triton_kernels = None
 
     def rel(a, b):
         r = [((g - l).abs().max() / l.abs().max().clamp_min(1e-12)).item() for g, l in zip(results[a], results[b])]
         return {"output": r[0], "grad_input": r[1], "grad_gate_up": r[2]}
-    out = {"grouped_vs_loop_rel_max": rel("grouped", "loop"), "triton_vs_torch_kernels_rel_max": rel("grouped", "grouped-torch")}
+    out = {"grouped_vs_loop_rel_max": rel("grouped", "loop"),
+           "triton_vs_torch_kernels_rel_max": rel("grouped", "grouped-torch")}
     if device.type == "cuda":
         layer.impl = "grouped"
         xi = x.clone().requires_grad_()
@@ -362,16 +364,17 @@ def print_profile_comparison(results: dict) -> None:
     profiled = {k[len("profile_"):]: v["ms_per_step_by_category"] for k, v in results.items() if k.startswith("profile_")}
     if not profiled:
         return
-    names = list(profiled)
-    cats = sorted({c for v in profiled.values() for c in v}, key=lambda c: -max(v.get(c, 0) for v in profiled.values()))
+
+    def ms(variant: dict, category: str) -> float:
+        return sum(variant.values()) if category == "total" else variant.get(category, 0.0)
+
+    cats = sorted({c for v in profiled.values() for c in v}, key=lambda c: -max(ms(v, c) for v in profiled.values()))
     diff = "dense_matched" in profiled and "moe_grouped" in profiled
-    print(f"\nGPU ms per step by kernel category\n{'category':42s}" + "".join(f"{n:>15s}" for n in names)
+    print(f"\nGPU ms per step by kernel category\n{'category':42s}" + "".join(f"{n:>15s}" for n in profiled)
           + (f"{'moe - dense':>13s}" if diff else ""))
     for c in cats + ["total"]:
-        vals = [sum(v.values()) if c == "total" else v.get(c, 0.0) for v in profiled.values()]
-        extra = f"{profiled['moe_grouped'].get(c, 0) - profiled['dense_matched'].get(c, 0):>+13.2f}" if diff and c != "total" \
-            else (f"{vals[names.index('moe_grouped')] - vals[names.index('dense_matched')]:>+13.2f}" if diff else "")
-        print(f"{c:42s}" + "".join(f"{x:>15.2f}" for x in vals) + extra)
+        extra = f"{ms(profiled['moe_grouped'], c) - ms(profiled['dense_matched'], c):>+13.2f}" if diff else ""
+        print(f"{c:42s}" + "".join(f"{ms(v, c):>15.2f}" for v in profiled.values()) + extra)
 
 
 # ---------------------------------------------------------------------------------------------- main

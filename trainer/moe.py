@@ -214,9 +214,9 @@ class Router(nn.Module):
         clean, logits, noise_std = self.gate_logits(x)
         noisy = noise_std is not None
         smooth_load = noisy and cfg.balance_loss == "cv2" and k < E
-        # The k best of E by sorting all E: on CUDA one small in-register sort per row, where topk ran
-        # a selection kernel and then a sort of its result (1.4 ms less per step of the d=1024 benchmark on an H200). The
-        # stable sort also settles ties the same way on every device: the lower expert index wins.
+        # The k best of E by sorting all E: on CUDA one small in-register sort per row, where topk ran a
+        # selection kernel and then a sort of its result (1.4 ms less per step of the d=1024 benchmark on
+        # an H200). The stable sort also settles ties the same way on every device: lower index first.
         sorted_vals, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
         kk = k + 1 if smooth_load else k
         top_vals, top_idx = sorted_vals[:, :kk], sorted_idx[:, :kk]
