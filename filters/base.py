@@ -9,17 +9,12 @@ and writes `reason` for the ones a filter rejects.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from filters.errors import CurateError
 
 
 @dataclass
@@ -73,46 +68,3 @@ class LengthFilter(DocumentFilter):
 
     def describe(self) -> dict:
         return {"reason": self.reason, "min_chars": self.min_chars, "min_words": self.min_words}
-
-
-def file_sha256(path: str | Path, what: str = "model") -> str:
-    """sha256 of a model file, with a clear error when it is missing.
-
-    Models are hundreds of MB and hashed on every run (for the manifest and the resume key), so
-    the digest is cached per user, keyed by the file's identity and size and both of its
-    timestamps (ctime changes on any write and cannot be set back): a changed file is hashed again.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CurateError(f"{what} file {p} does not exist (check the path in the filter config)")
-    st = p.stat()
-    key, stamp = str(p.resolve()), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curate" / "sha256.json"
-    cache = _read_cache(cache_file)
-    hit = cache.get(key)
-    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
-        return hit["sha256"]
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    # entries of files that are gone (replaced models, temporary ones) are dropped as it is rewritten
-    cache = {k: v for k, v in cache.items() if os.path.exists(k)}
-    cache[key] = {"stamp": stamp, "sha256": digest}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)     # atomic: concurrent runs never read half a file
-    except OSError:
-        pass    # an unwritable cache directory only means hashing again next time
-    return digest
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):     # no cache yet, or a damaged one: start afresh
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -49,8 +49,8 @@ import numpy as np
 
 from filters.base import DocumentFilter, LengthFilter
 from filters.calibrate import domain_thresholds, per_domain, removes
-from filters.errors import CurateError
-from filters.files import read_yaml
+from common.errors import CurateError
+from common.files import read_yaml
 
 PerDomain = float | dict[str, float]        # one number, or {domain: number, "default": number}
 DEFAULT_DISFLUENCY_DROP = 0.15

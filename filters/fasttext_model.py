@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 TASKS: dict[str, tuple[str, str]] = {
     "ads": ("ad", "clean"),

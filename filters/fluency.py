@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.base import DocumentFilter, FilterResult, file_sha256
+from common.files import file_sha256
+from filters.base import DocumentFilter, FilterResult
 from filters.calibrate import in_domains, per_domain, removes
-from filters.errors import CurateError
+from common.errors import CurateError
 from filters.fasttext_model import label_probability, load_classifier
 from filters.normalize import normalize_lines, normalize_texts
 

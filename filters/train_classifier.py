@@ -40,7 +40,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from filters.fasttext_model import PREFIX, TASKS, label_probability
 from filters.normalize import normalize_texts
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from filters.normalize import normalize_lines
 
 MAX_ORDER = 6        # filters/build_kenlm.sh builds KenLM with KENLM_MAX_ORDER=6

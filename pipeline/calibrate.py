@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from filters.config import FilterConfig, calibrate_config, parse_filter_config
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.domains import DatasetManifest
 from pipeline.readers import Shard, ShardReadError, read_shard
 from pipeline.stages import worker_chain
-from pipeline.writers import write_atomic
+from common.files import write_atomic
 
 
 def check_domains(cfg: FilterConfig, dataset: DatasetManifest) -> None:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 # name -> (module, one-line help). Order is the order `curate --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 
 def _local_cluster_config() -> dict:

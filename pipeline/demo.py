@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from filters.errors import CurateError
-from pipeline.writers import write_atomic
+from common.errors import CurateError
+from common.files import write_atomic
 
 # Small enough for 2 CPU cores in a few minutes, large enough that the loss falls clearly and
 # the dynamic sampler re-weights several times.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from filters.errors import CurateError
-from filters.files import read_yaml
+from common.errors import CurateError
+from common.files import read_yaml
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from filters.config import FilterConfig, build_filters, load_filter_config
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline import calibrate
 from pipeline.cluster import dask_client
 from pipeline.domains import DatasetManifest, load_dataset_manifest

@@ -16,9 +16,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.readers import UNKNOWN_DOMAIN
-from pipeline.writers import write_atomic
+from common.files import write_atomic
 
 MALFORMED = "malformed:"
 PACKAGES = ("llama-moe-curate", "dask", "distributed", "pyarrow", "fsspec", "zstandard", "numpy",

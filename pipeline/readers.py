@@ -24,7 +24,7 @@ import fsspec
 import orjson
 import zstandard
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.domains import DatasetManifest
 
 SUFFIXES = (".jsonl.zst", ".jsonl.gz", ".jsonl")

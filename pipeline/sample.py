@@ -25,9 +25,9 @@ from pathlib import Path
 
 import zstandard
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.domains import load_dataset_manifest
-from pipeline.writers import write_atomic
+from common.files import write_atomic
 
 # Share of each domain's documents planted as advertisements / disfluent text. Web text carries
 # most ads in the real corpus, so CommonCrawl and C4 get far more than curated sources.

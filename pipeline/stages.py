@@ -18,7 +18,7 @@ import numpy as np
 
 from filters.base import DocumentFilter
 from filters.config import FilterConfig, build_filters
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.domains import DatasetManifest
 from pipeline.manifest import MALFORMED, Tally, shard_manifest_path, write_json
 from pipeline.readers import Record, Shard, ShardReadError, read_shard

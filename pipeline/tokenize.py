@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.manifest import write_json
-from pipeline.writers import remove_temporaries, temporary_path, write_atomic
+from common.files import temporary_path, write_atomic
+from pipeline.writers import remove_temporaries
 
 FORMAT_VERSION = 1
 DEFAULT_EVAL_TOKENS = 65536

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from filters.base import file_sha256
-from filters.errors import CurateError
+from common.files import file_sha256
+from common.errors import CurateError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -76,7 +76,7 @@ class LoadedTokenizer:
 
     def save(self, out_dir: Path) -> None:
         """tokenizer.json + tokenizer_config.json (+ tokenizer_source.json) in `out_dir`, atomically."""
-        from pipeline.writers import write_atomic
+        from common.files import write_atomic
         out_dir = Path(out_dir)
         write_atomic(out_dir / "tokenizer.json", self.json_text().encode())
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,

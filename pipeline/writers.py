@@ -12,7 +12,6 @@ never sees a half-written file. Temporary names end in `.tmp` and start with a d
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,13 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.files import TMP_SUFFIX, is_temporary, temporary_path
+
 #: score columns every output has, whether or not the chain fills them (null when not scored)
 REQUIRED_SCORES = ("ad_score", "perplexity")
 ROW_GROUP_ROWS = 4096
 # Text buffered across all files of a shard before the largest buffer is flushed as a row group.
 # One budget for the shard (not one per file) keeps memory flat however many domains it mixes.
 SHARD_BUFFER_BYTES = 8 << 20
-TMP_SUFFIX = ".tmp"
 
 
 def score_columns(chain_columns: Sequence[str]) -> tuple[str, ...]:
@@ -42,22 +42,6 @@ def output_schema(scores: Sequence[str], rejected: bool) -> pa.Schema:
     if rejected:
         fields.append(pa.field("reason", pa.string(), nullable=False))
     return pa.schema(fields)
-
-
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
-
-
-def temporary_path(final: Path) -> Path:
-    # unique per attempt, so a retried task never writes into a file an earlier attempt holds open
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def remove_temporaries(root: Path) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from samplers.rules import RULES
 
 KINDS = ("static", "dynamic")

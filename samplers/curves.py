@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 WEIGHTS_FILE, METRICS_FILE = "domain_weights.jsonl", "metrics.jsonl"
 
@@ -171,7 +171,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pat
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    from pipeline.writers import write_atomic
+    from common.files import write_atomic
     write_atomic(png, buf.getvalue())
     page = png.with_suffix(".html")
     write_atomic(page, _html(run_dir, buf.getvalue(), weights, domains, reference).encode())

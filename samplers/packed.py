@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 
 class PackedTokens:

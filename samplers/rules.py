@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 RULES = ("sheared-paper", "sheared-code")
 

@@ -25,7 +25,7 @@ from collections import deque
 
 import numpy as np
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from samplers.config import SamplerConfig
 from samplers.packed import PackedTokens
 from samplers.rules import update_weights

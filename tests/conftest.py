@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """The tests' model-hash cache (filters.base.file_sha256) lives in a temporary folder, not in the
+    """The tests' model-hash cache (common.files.file_sha256) lives in a temporary folder, not in the
     user's ~/.cache, for this process and every `curate` it starts."""
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))

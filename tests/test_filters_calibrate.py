@@ -6,7 +6,7 @@ import pytest
 
 from filters.calibrate import domain_thresholds, per_domain, removes, threshold_for_count
 from filters.config import calibrate_config, parse_filter_config
-from filters.errors import CurateError
+from common.errors import CurateError
 
 DOMAINS = ["CommonCrawl", "C4", "GitHub", "Wikipedia", "Books", "ArXiv", "StackExchange"]
 

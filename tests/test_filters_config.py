@@ -6,7 +6,7 @@ import yaml
 
 from filters.ads import AdFilter
 from filters.config import build_filters, load_filter_config, parse_filter_config
-from filters.errors import CurateError
+from common.errors import CurateError
 from filters.fluency import DisfluencyFilter
 
 

@@ -15,7 +15,7 @@ import zstandard
 
 from conftest import curate
 from filters.ads import AdFilter
-from filters.errors import CurateError
+from common.errors import CurateError
 from filters.fasttext_model import label_probability, load_classifier
 from filters.fluency import DisfluencyFilter, load_kenlm, perplexities
 from filters.normalize import normalize_lines, normalize_text, normalize_texts
@@ -217,7 +217,7 @@ def test_model_hash_cache_notices_a_changed_file_and_forgets_deleted_ones(tmp_pa
     import hashlib
     import os
 
-    from filters.base import file_sha256
+    from common.files import file_sha256
 
     cache_file = Path(os.environ["XDG_CACHE_HOME"]) / "curate" / "sha256.json"
     a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"

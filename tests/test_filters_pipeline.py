@@ -126,7 +126,7 @@ def test_models_load_once_on_each_worker_as_the_start_up_check(model_dir, tmp_pa
     from distributed import Client, LocalCluster
 
     from filters.config import parse_filter_config
-    from filters.errors import CurateError
+    from common.errors import CurateError
     from pipeline.stages import load_on_workers
 
     bad = tmp_path / "bad.bin"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import curate
-from filters.errors import CurateError
+from common.errors import CurateError
 from filters.fasttext_model import load_classifier
 from filters.train_classifier import train_classifier
 

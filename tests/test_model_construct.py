@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.construct import (METHODS, ConvertSettings, balanced_assign, balanced_kmeans, build_moe,
                                calibration_tokens, neuron_use, random_partition, sharing_inner_partition,
                                taylor_scores)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.checkpoint_io import dense_from_hf, load_hf_llama, load_model, read_record, save_model
 from trainer.model import LlamaMoE, ModelConfig
 from trainer.moe import MoEConfig

@@ -9,7 +9,7 @@ import fsspec
 import pytest
 import zstandard
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from pipeline.domains import load_dataset_manifest
 from pipeline.readers import ShardReadError, discover_shards, read_shard
 

@@ -67,7 +67,7 @@ def test_domain_routed_gate_scores_higher_than_uniform():
 
 
 def test_dense_model_is_refused():
-    from filters.errors import CurateError
+    from common.errors import CurateError
 
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_layers=1,
                       num_heads=2, max_seq_len=32)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from samplers import SamplerConfig, update_weights
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 from conftest import curate
 from test_tokenize_cli import write_kept
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from samplers import DomainExhaustedWarning, DomainStream, PackedTokens, SamplerConfig
 
 SEQ = 32

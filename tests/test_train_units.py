@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer import checkpoint as ckpt
 from trainer.config import OptimSection, load_train_config, write_train_config
 from trainer.metrics import append_jsonl, truncate_jsonl

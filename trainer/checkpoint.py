@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.config import config_differences
 
 CHECKPOINTS = "checkpoints"

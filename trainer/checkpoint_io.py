@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from filters.errors import CurateError
-from filters.files import read_yaml
+from common.errors import CurateError
+from common.files import read_yaml
 from trainer.model import LlamaMoE, ModelConfig
 
 FORMAT = "llama-moe-curate"

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from filters.errors import CurateError
-from filters.files import read_yaml
-from pipeline.writers import write_atomic
+from common.errors import CurateError
+from common.files import read_yaml
+from common.files import write_atomic
 from trainer.construct import METHODS
 from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.model import LlamaMoE, ModelConfig
 from trainer.moe import MoEConfig, MoELayer
 

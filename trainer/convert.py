@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.construct import METHODS
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 
 @dataclass

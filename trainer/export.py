@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 FORMATS = ("hf-mixtral",)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.writers import write_atomic
+from common.files import write_atomic
 
 METRICS = "metrics.jsonl"
 DOMAIN_WEIGHTS = "domain_weights.jsonl"

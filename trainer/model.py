@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.moe import MLP, MoEConfig, MoELayer, check_keys
 
 IGNORE_INDEX = -100

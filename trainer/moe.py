@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer.kernels import swiglu_weighted
 
 GATES = ("linear", "noisy-mlp")

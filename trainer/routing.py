@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.errors import CurateError
+from common.errors import CurateError
 
 
 def add_arguments(p) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from filters.errors import CurateError
+from common.errors import CurateError
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_train_config, sampler_config, save_config
 from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,

@@ -1,6 +1,6 @@
 """The one exception type the `curate` command line prints without a traceback.
 
-It lives in `filters/` because that is the lowest layer: every package may import it.
+It lives in `common/`, below the four packages, so that every one of them may import it.
 """
 
 

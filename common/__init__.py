@@ -1,0 +1,1 @@
+"""Helpers shared by all four packages (pipeline, filters, samplers, trainer); imports none of them."""
