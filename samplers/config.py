@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from common.config import build, setting
 from common.errors import CurateError
 from samplers.rules import RULES
 
@@ -34,35 +35,28 @@ MEASURE = "measure"
 
 @dataclass
 class SamplerConfig:
-    kind: str = "static"
-    preset: str | None = None             # None without weights: "uniform"
-    weights: dict[str, float] | None = None
-    rule: str = "sheared-paper"
-    eta: float = 1.0
-    smoothing: float = 1e-4
-    reweight_every_tokens: int = 2_500_000_000
-    reference_losses: str | dict[str, float] = MANIFEST_REFERENCE
-    seed: int = 0
-    dataset_manifest: str | None = None     # None: the bundled slimpajama.yaml
+    kind: str = setting("static", "static | dynamic (re-estimated from held-out loss)")
+    preset: str | None = setting(None, "starting weights: uniform | llama | sheared; null with weights: or uniform")
+    weights: dict[str, float] | None = setting(None, "or explicit starting weights {domain: weight}, every domain")
+    rule: str = setting("sheared-paper", "dynamic update: sheared-paper | sheared-code")
+    eta: float = setting(1.0, "sheared-code step size")
+    smoothing: float = setting(1e-4, "sheared-code floor c: w = (1 - c) w + c / k")
+    reweight_every_tokens: int = setting(2_500_000_000, "dynamic: re-estimate the weights every N global tokens")
+    reference_losses: str | dict[str, float] = setting(
+        MANIFEST_REFERENCE, "llama2-7b | measure (the starting model's) | a JSON/YAML file | {domain: loss}")
+    seed: int = setting(0, "seed of the data order")
+    dataset_manifest: str | None = setting(None, "domains and presets; null: data_manifests/slimpajama.yaml")
 
     def __post_init__(self) -> None:
         self.validate()
 
     @classmethod
     def from_dict(cls, raw: dict | None, where: str = "sampler") -> "SamplerConfig":
-        if raw is not None and not isinstance(raw, dict):
-            raise CurateError(f"{where}: expected a mapping, got {type(raw).__name__}")
-        raw = dict(raw or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise CurateError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        if "reweight_every_tokens" in raw:
-            raw["reweight_every_tokens"] = _as_token_count(raw["reweight_every_tokens"], where)
         try:
-            return cls(**raw)
+            return build(cls, raw, where)      # unknown keys, types; then __post_init__ validates
         except CurateError as e:
-            raise CurateError(f"{where}: {e}") from None
+            message = str(e)
+            raise CurateError(message if message.startswith(where) else f"{where}: {message}") from None
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -176,13 +170,3 @@ def _same_domains(what: str, table: dict, domains: list[str]) -> None:
             parts.append(f"{', '.join(extra)} not in the token directory")
         raise CurateError(f"{what}: {'; '.join(parts)} (domains present: {', '.join(domains)})")
 
-
-def _as_token_count(v, where: str) -> int:
-    # YAML 1.1 reads `2.5e9` (no dot before e, no sign) as a string: accept it as a number.
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise CurateError(f"{where}: reweight_every_tokens must be a number of tokens, got {v!r}") from None
-    if isinstance(v, bool) or not math.isfinite(f) or f < 1 or f != int(f):
-        raise CurateError(f"{where}: reweight_every_tokens must be a positive whole number of tokens, got {v!r}")
-    return int(f)

@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from common.config import apply_overrides, build, choice, non_negative, positive, setting
 from common.errors import CurateError
 from common.files import read_yaml
 from common.files import write_atomic
@@ -41,44 +40,44 @@ from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES
 @dataclass
 class ConvertConfig:
     """How to split a dense model's FFNs into experts: the flags of `curate convert`."""
-    experts: int = 8
-    top_k: int = 2
-    method: str = "independent-random"
-    gate: str = "noisy-mlp"
-    gate_init: str | None = None        # None: zero for noisy-mlp, random for linear (as curate convert)
-    scale: float | None = None          # None: experts / top_k (the paper's rescale)
-    seed: int = 0
-    balance_loss: str = "cv2"           # cv2 | switch | none
-    shared_size: int | None = None      # sharing-inter only
-    calib_data: str | None = None       # sharing-*: a `curate tokenize` dir or a text file
-    calib_seqs: int = 4
-    calib_len: int = 128
+    experts: int = setting(8, "experts per layer")
+    top_k: int = setting(2, "experts each token is routed to")
+    method: str = setting("independent-random", "independent-random | independent-clustering | sharing-inner | sharing-inter")
+    gate: str = setting("noisy-mlp", "noisy-mlp (the paper's noisy top-k) | linear")
+    gate_init: str | None = setting(None, "zero | random; null: zero for noisy-mlp, random for linear")
+    scale: float | None = setting(None, "expert output scale; null: experts / top_k (the paper's rescale)")
+    seed: int = setting(0, "seed of the neuron split and the gate initialisation")
+    balance_loss: str = setting("cv2", "cv2 (the paper's 0.01 * (CV^2 importance + CV^2 load)) | switch | none")
+    shared_size: int | None = setting(None, "sharing-inter only: neurons shared by all experts")
+    calib_data: str | None = setting(None, "sharing-*: a `curate tokenize` dir or a text file")
+    calib_seqs: int = setting(4, "sharing-*: calibration sequences per expert")
+    calib_len: int = setting(128, "sharing-*: tokens per calibration sequence")
 
     def check(self, where: str) -> None:
-        _positive(self.experts, f"{where}.experts")
-        _positive(self.top_k, f"{where}.top_k")
+        positive(self.experts, f"{where}.experts")
+        positive(self.top_k, f"{where}.top_k")
         if self.top_k > self.experts:
             raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
-        _choice(self.method, METHODS, f"{where}.method")
-        _choice(self.gate, GATES, f"{where}.gate")
+        choice(self.method, METHODS, f"{where}.method")
+        choice(self.gate, GATES, f"{where}.gate")
         if self.gate_init is None:
             self.gate_init = "zero" if self.gate == "noisy-mlp" else "random"
-        _choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
+        choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
         if self.scale is not None and not self.scale > 0:
             raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
-        _non_negative(self.seed, f"{where}.seed")
-        _choice(self.balance_loss, tuple(b or "none" for b in BALANCE_LOSSES), f"{where}.balance_loss")
+        non_negative(self.seed, f"{where}.seed")
+        choice(self.balance_loss, tuple(b or "none" for b in BALANCE_LOSSES), f"{where}.balance_loss")
         if self.shared_size is not None:
-            _non_negative(self.shared_size, f"{where}.shared_size")
-        _positive(self.calib_seqs, f"{where}.calib_seqs")
-        _positive(self.calib_len, f"{where}.calib_len")
+            non_negative(self.shared_size, f"{where}.shared_size")
+        positive(self.calib_seqs, f"{where}.calib_seqs")
+        positive(self.calib_len, f"{where}.calib_len")
 
 
 @dataclass
 class ModelSection:
-    path: str | None = None             # an MoE to train (or a model config for random init)
-    dense: str | None = None            # a dense LLaMA to convert on the fly
-    convert: ConvertConfig | None = None
+    path: str | None = setting(None, "an MoE to train (`curate convert` output), or a model config for random init")
+    dense: str | None = setting(None, "or a dense LLaMA to convert on the fly: HF dir, .gguf or model config")
+    convert: ConvertConfig | None = setting(None, "with model.dense: how to split its FFNs into experts")
 
     def check(self) -> None:
         if (self.path is None) == (self.dense is None):
@@ -93,18 +92,18 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    tokens: str = ""                    # `curate tokenize` output
-    seq_len: int = 512
-    micro_batch_size: int = 8
-    global_batch_tokens: int | None = None   # None: one micro-batch per rank per step (no accumulation)
+    tokens: str = setting("", "the `curate tokenize` output directory (required)")
+    seq_len: int = setting(512, "tokens per training sequence")
+    micro_batch_size: int = setting(8, "sequences per forward pass on each rank")
+    global_batch_tokens: int | None = setting(None, "tokens per optimizer step; null: one micro-batch per rank")
 
     def check(self) -> None:
         if not self.tokens:
             raise CurateError("data.tokens is required: the directory written by `curate tokenize`")
-        _positive(self.seq_len, "data.seq_len")
-        _positive(self.micro_batch_size, "data.micro_batch_size")
+        positive(self.seq_len, "data.seq_len")
+        positive(self.micro_batch_size, "data.micro_batch_size")
         if self.global_batch_tokens is not None:
-            _positive(self.global_batch_tokens, "data.global_batch_tokens")
+            positive(self.global_batch_tokens, "data.global_batch_tokens")
             if self.global_batch_tokens % (self.seq_len * self.micro_batch_size):
                 raise CurateError(
                     f"data.global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
@@ -113,20 +112,20 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1           # cosine decays to this fraction of lr (paper: 2e-4 -> 2e-5)
-    warmup_steps: int = 100
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1           # not applied to norms and biases
-    clip: float = 1.0                   # max global gradient norm; 0 disables clipping
+    lr: float = setting(2e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = setting(0.1, "cosine decay ends at lr * this (paper: 2e-4 -> 2e-5)")
+    warmup_steps: int = setting(100, "linear warm-up steps")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not on norms and biases)")
+    clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
 
     def check(self) -> None:
         if not self.lr > 0:
             raise CurateError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise CurateError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _non_negative(self.warmup_steps, "optim.warmup_steps")
+        non_negative(self.warmup_steps, "optim.warmup_steps")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise CurateError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -140,40 +139,40 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int | None = None        # optimizer steps; or give max_tokens
-    max_tokens: int | None = None
-    seed: int = 0                       # initialisation and gate noise (the data order: sampler.seed)
-    eval_every_tokens: int | None = None     # None: the sampler's reweight_every_tokens
-    eval_batches: int = 4               # held-out micro-batches per domain per evaluation
-    log_every: int = 10
-    checkpoint_every: int | None = None      # steps; None: only at the end
-    keep_checkpoints: int = 3
-    dtype: str = "auto"                 # auto: bf16 autocast on GPU, fp32 on CPU
-    device: str = "auto"                # auto: cuda when available
-    compile: bool = False
-    activation_checkpointing: bool = False
-    parallel: str = "auto"              # auto: ddp under torchrun with >1 rank, else none
-    dataloader_workers: int = 0
-    peak_flops: float | None = None     # per device, for MFU; None: known GPUs only (null on CPU)
+    max_steps: int | None = setting(None, "optimizer steps to train; or give max_tokens")
+    max_tokens: int | None = setting(None, "training tokens (rounded up to whole steps)")
+    seed: int = setting(0, "initialisation and gate noise (the data order: sampler.seed)")
+    eval_every_tokens: int | None = setting(None, "held-out evaluation period; null: when the sampler reweights")
+    eval_batches: int = setting(4, "held-out micro-batches per domain per evaluation")
+    log_every: int = setting(10, "steps between metrics.jsonl records")
+    checkpoint_every: int | None = setting(None, "steps between checkpoints; null: only at the end")
+    keep_checkpoints: int = setting(3, "newest checkpoints kept")
+    dtype: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda")
+    compile: bool = setting(False, "torch.compile each transformer block")
+    activation_checkpointing: bool = setting(False, "recompute block activations in backward (less memory)")
+    parallel: str = setting("auto", "auto (ddp under torchrun with >1 rank) | none | ddp | fsdp2")
+    dataloader_workers: int = setting(0, "processes copying sequences from the token shards")
+    peak_flops: float | None = setting(None, "per-device peak FLOP/s for MFU; null: known GPUs only")
 
     def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise CurateError("train: give train.max_steps or train.max_tokens")
         if self.max_steps is not None:
-            _positive(self.max_steps, "train.max_steps")
+            positive(self.max_steps, "train.max_steps")
         if self.max_tokens is not None:
-            _positive(self.max_tokens, "train.max_tokens")
+            positive(self.max_tokens, "train.max_tokens")
         if self.eval_every_tokens is not None:
-            _positive(self.eval_every_tokens, "train.eval_every_tokens")
-        _positive(self.eval_batches, "train.eval_batches")
-        _positive(self.log_every, "train.log_every")
+            positive(self.eval_every_tokens, "train.eval_every_tokens")
+        positive(self.eval_batches, "train.eval_batches")
+        positive(self.log_every, "train.log_every")
         if self.checkpoint_every is not None:
-            _positive(self.checkpoint_every, "train.checkpoint_every")
-        _positive(self.keep_checkpoints, "train.keep_checkpoints")
-        _choice(self.dtype, ("auto", "bf16", "fp32"), "train.dtype")
-        _choice(self.device, ("auto", "cpu", "cuda"), "train.device")
-        _choice(self.parallel, ("auto", "none", "ddp", "fsdp2"), "train.parallel")
-        _non_negative(self.dataloader_workers, "train.dataloader_workers")
+            positive(self.checkpoint_every, "train.checkpoint_every")
+        positive(self.keep_checkpoints, "train.keep_checkpoints")
+        choice(self.dtype, ("auto", "bf16", "fp32"), "train.dtype")
+        choice(self.device, ("auto", "cpu", "cuda"), "train.device")
+        choice(self.parallel, ("auto", "none", "ddp", "fsdp2"), "train.parallel")
+        non_negative(self.dataloader_workers, "train.dataloader_workers")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise CurateError(f"train.peak_flops must be > 0, got {self.peak_flops}")
 
@@ -185,7 +184,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     sampler: dict[str, Any] = field(default_factory=dict)   # samplers.SamplerConfig fields
-    out: str | None = None
+    out: str | None = setting(None, "run directory (--out overrides; null: ./run)")
 
     def check(self) -> None:
         self.model.check()
@@ -259,14 +258,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     raw = read_yaml(p, "training config")
     if not isinstance(raw, dict):
         raise CurateError(f"training config {p} must be a mapping with sections model, data, sampler, optim, train")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for key in parents:
-            if not isinstance(node.get(key), dict):     # absent, or an empty `train:` (None)
-                node[key] = {}
-            node = node[key]
-        node[last] = value
+    apply_overrides(raw, overrides or {})
     return config_from_dict(raw, base_dir=p.resolve().parent)
 
 
@@ -296,7 +288,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> TrainCo
             value = sampler.get(key)
             if isinstance(value, str) and (base / value).is_file():
                 sampler[key] = str((base / value).resolve())
-    sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    sections = {name: build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     sampler = raw.get("sampler") or {}
     cfg = TrainConfig(sampler=sampler, out=raw.get("out"), **sections)
     cfg.check()
@@ -344,87 +336,3 @@ def _resolve(base: Path, value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise CurateError(f"{key} must be a path (a non-empty string), got {value!r}")
     return str((base / Path(value).expanduser()).resolve())
-
-
-def _build(cls, values: Any, where: str):
-    """Instantiate a section dataclass from a dict, rejecting unknown keys and wrong types by name."""
-    if not isinstance(values, dict):
-        raise CurateError(f"{where} must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            raise CurateError(f"unknown key {where}.{key} (known: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check a YAML value against a field's annotation; ints are accepted where floats are expected
-    and YAML's `1e-4` string quirk (PyYAML reads `2e-4` without a dot as a string) is handled."""
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(hint):          # a nested section, e.g. model.convert
-        return _build(hint, value, key)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)           # 1e6 in YAML
-        if isinstance(value, str):
-            try:
-                f = float(value)
-                if f.is_integer():
-                    return int(f)
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            return value
-    else:
-        return value
-    raise CurateError(f"{key} must be {_describe(hint)}, got {value!r}")
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {len(typing.get_args(hint))} numbers"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _positive(value: int | float, key: str) -> None:
-    if not value > 0:
-        raise CurateError(f"{key} must be > 0, got {value}")
-
-
-def _non_negative(value: int | float, key: str) -> None:
-    if value < 0:
-        raise CurateError(f"{key} must be >= 0, got {value}")
-
-
-def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise CurateError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
