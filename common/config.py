@@ -204,15 +204,19 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 # commented YAML
 
 
-def commented_yaml(cls: type, values: dict[str, Any], indent: int = 0, comment_out: bool = False) -> list[str]:
+def commented_yaml(cls: type, values: dict[str, Any], indent: int = 0, comment_out: bool = False,
+                   only: set[str] | None = None) -> list[str]:
     """Lines of YAML for dataclass `cls` holding `values` (missing keys: the field defaults), every
     key followed by its help as a comment. A nested dataclass is written as an indented block; when
-    its value is None its keys are shown commented out, with their defaults, to show what it takes."""
+    its value is None its keys are shown commented out, with their defaults, to show what it takes.
+    `only` limits the output to those fields."""
     hints = typing.get_type_hints(cls)
     lines = []
     pad = "  " * indent
     lead = "# " if comment_out else ""
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         value = values.get(f.name, _default(f))
         nested = _nested_dataclass(hints[f.name])
         help_text = field_help(f)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import CurateError
+from common.progress import Progress, add_progress_argument
 from pipeline.manifest import write_json
 from common.files import temporary_path, write_atomic
 from pipeline.writers import remove_temporaries
@@ -65,11 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--workers", type=int, default=None, help="local Dask worker processes (default 1)")
     g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     manifest = tokenize_dir(args.dir, args.tokenizer, args.out, eval_tokens=args.eval_tokens,
-                            batch_docs=args.batch_docs, workers=args.workers, scheduler=args.scheduler)
+                            batch_docs=args.batch_docs, workers=args.workers, scheduler=args.scheduler,
+                            progress=args.progress)
     t = manifest["totals"]
     print(f"tokenized {t['docs']:,} documents: {t['train_tokens']:,} training and {t['eval_tokens']:,} "
           f"evaluation tokens in {len(manifest['domains'])} domains -> {args.out}")
@@ -197,7 +200,7 @@ def find_inputs(src: Path) -> list[tuple[str, str, Path]]:
 
 def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS,
                  batch_docs: int = DEFAULT_BATCH_DOCS, workers: int | None = None,
-                 scheduler: str | None = None, quiet: bool = False) -> dict:
+                 scheduler: str | None = None, quiet: bool = False, progress: bool = True) -> dict:
     """The whole stage; returns the manifest it wrote."""
     from pipeline.tokenizer_io import parse_train_spec
 
@@ -242,7 +245,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
     if jobs:
         # manifest.json marks a complete output: a reader must not pair an old one with new shards
         (out / "manifest.json").unlink(missing_ok=True)
-        done, encode_seconds = _run_jobs(jobs, workers, scheduler, quiet, log)
+        done, encode_seconds = _run_jobs(jobs, workers, scheduler, quiet, progress and not quiet)
         markers.update(done)
     seconds = time.perf_counter() - start
     failed = [m for m in markers.values() if m["status"] != "done"]
@@ -262,7 +265,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int | None, scheduler: str | None, quiet: bool,
-              log) -> tuple[dict, float]:
+              progress: bool) -> tuple[dict, float]:
     """Run the shard tasks; returns their markers and the seconds from submission to the last result."""
     import dask
     from distributed import as_completed
@@ -278,14 +281,18 @@ def _run_jobs(jobs: list[ShardJob], workers: int | None, scheduler: str | None, 
             start = time.perf_counter()
             futures = client.map(tokenize_shard, jobs, pure=False)
             done = {}
-            for i, fut in enumerate(as_completed(futures), 1):
-                m = fut.result()
-                done[(m["domain"], m["shard"])] = m
-                if m["status"] == "done":
-                    log(f"[{i}/{len(jobs)}] {m['domain']}/{m['shard']}: {m['docs']:,} docs, "
-                        f"{m['tokens']:,} tokens in {m['seconds']:.1f}s")
-                else:
-                    log(f"[{i}/{len(jobs)}] {m['domain']}/{m['shard']}: FAILED {m['error']}")
+            tokens = 0
+            with Progress(len(jobs), "tokenize", unit="shard", enabled=progress) as bar:
+                for fut in as_completed(futures):
+                    m = fut.result()
+                    done[(m["domain"], m["shard"])] = m
+                    if m["status"] == "done":
+                        tokens += m["tokens"]
+                        bar.update(1, tokens=tokens)
+                    else:
+                        bar.update(1)
+                        if not quiet:
+                            bar.note(f"tokenize: {m['domain']}/{m['shard']} FAILED: {m['error']}")
             seconds = time.perf_counter() - start
     return done, seconds
 
@@ -336,8 +343,13 @@ def _finalize(src: Path, out: Path, inputs, info: dict, dtype: str, config_hash:
         by_domain.setdefault(domain, []).append((shard, str(out / "shards" / domain / shard)))
     (out / "eval").mkdir(parents=True, exist_ok=True)
     (out / "train").mkdir(parents=True, exist_ok=True)
-    domains_out = {domain: _split_domain(out, domain, by_domain[domain], dtype, eval_tokens, log)
+    domains_out = {domain: _split_domain(out, domain, by_domain[domain], dtype, eval_tokens)
                    for domain in _domain_order(list(by_domain))}
+    short = {d: v for d, v in domains_out.items() if eval_tokens and v["eval_tokens"] < eval_tokens}
+    if short:       # one line for all of them, not one per domain
+        log(f"tokenize: {len(short)} domain(s) hold fewer evaluation tokens than --eval-tokens {eval_tokens:,}: "
+            + ", ".join(f"{d} {v['eval_tokens']:,} (split '{v['eval_split']}')" for d, v in short.items())
+            + "; a small domain keeps most of its text for training")
     totals = {k: sum(d[k] for d in domains_out.values())
               for k in ("docs", "tokens", "train_docs", "train_tokens", "eval_docs", "eval_tokens")}
     source_manifest = src / "manifest.json"
@@ -355,8 +367,7 @@ def _finalize(src: Path, out: Path, inputs, info: dict, dtype: str, config_hash:
     }
 
 
-def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: str, eval_tokens: int,
-                  log) -> dict:
+def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: str, eval_tokens: int) -> dict:
     """Hold out a domain's evaluation tokens; write eval/<domain>.* and train/<domain>.segments.npy."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -416,9 +427,6 @@ def _split_domain(out: Path, domain: str, shards: list[tuple[str, str]], dtype: 
                         "train_docs": len(o) - 1 - held_docs, "train_tokens": int(o[-1]) - held_tokens,
                         "eval_docs": len(cuts), "eval_tokens": held_tokens})
     _save_npy(out / "train" / f"{domain}.segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
-    if eval_tokens and eval_offsets[-1] < eval_tokens:
-        log(f"tokenize: {domain}: {eval_offsets[-1]:,} evaluation tokens (of {eval_tokens:,} asked), split "
-            f"'{split}': a small domain keeps most of its text for training")
     return {"docs": len(keys), "tokens": int(ntok.sum()),
             "train_docs": sum(e["train_docs"] for e in entries), "train_tokens": sum(e["train_tokens"] for e in entries),
             "eval_docs": len(held), "eval_tokens": int(eval_offsets[-1]), "eval_split": split,

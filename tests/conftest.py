@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -43,11 +44,29 @@ def curate(*args: str, check: bool = True, timeout: float = 600, **kw) -> subpro
     return proc
 
 
+def run_cli(*args, check: bool = True) -> tuple[int, str, str]:
+    """Run `curate ARGS` in this process through `pipeline.cli.main` (no interpreter start-up, torch
+    already imported): (exit code, stdout, stderr). For tests where the process boundary is not the
+    point; `curate()` above starts the real console script."""
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:          # argparse: --help, --version, usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if check and rc != 0:
+        raise AssertionError(f"curate {' '.join(map(str, args))} failed ({rc}):\n"
+                             f"{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
+    return rc, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     """Output of `curate sample` (shards for all seven domains, labels, lm.txt)."""
     out = tmp_path_factory.mktemp("sample")
-    curate("sample", out)
+    run_cli("sample", out)
     return out
 
 

