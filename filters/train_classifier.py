@@ -31,6 +31,7 @@ import ctypes.util
 import hashlib
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -77,7 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autotune-duration", type=int, default=300, help="seconds of autotune search (default 300)")
     for name, kind in (("lr", float), ("epoch", int), ("wordNgrams", int), ("dim", int), ("minCount", int),
                        ("bucket", int)):
-        p.add_argument(f"--{name}", type=kind, default=DEFAULTS[name], help=f"fastText {name} (default {DEFAULTS[name]})")
+        flag = re.sub(r"([a-z])([A-Z])", r"\1-\2", name).lower()      # wordNgrams -> --word-ngrams
+        p.add_argument(f"--{flag}", dest=name, type=kind, default=DEFAULTS[name],
+                       help=f"fastText {name} (default {DEFAULTS[name]})")
+        if flag != name:        # fastText's own spelling, still accepted
+            p.add_argument(f"--{name}", dest=name, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--loss", default=DEFAULTS["loss"], choices=("softmax", "ns", "hs", "ova"), help="fastText loss (default softmax)")
     p.add_argument("--threshold", type=float, default=0.5, help="p(positive) at which the report counts a positive (default 0.5)")
     p.add_argument("--no-refit", action="store_true", help="keep the model trained without the held-out part")

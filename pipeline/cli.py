@@ -29,14 +29,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help states its default, except where there is none to state (None, an on/off
+    flag) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS
+                or action.default == []):
+            return text
+        return super()._get_help_string(action)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+    try:
+        return package_version("llama-moe-curate")
+    except PackageNotFoundError:        # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate",
         description="SlimPajama curation and LLaMA-MoE continual pre-training.",
     )
+    parser.add_argument("--version", action="version", version=f"curate {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(p)

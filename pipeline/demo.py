@@ -10,6 +10,8 @@ kept when present, and `filter` / `tokenize` skip shards they have already done.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 import sys
@@ -34,17 +36,25 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes for filter/tokenize")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and the trained models")
 
 
-def _curate(*args) -> None:
-    """Run one `curate` sub-command in-process; stop the demo if it fails."""
+def _curate(*args, stdout_to: Path | None = None) -> None:
+    """Run one `curate` sub-command in-process (through the CLI, so the demo imports no stage
+    itself); stop the demo if it fails. `stdout_to`: write what it prints there (`> FILE`)."""
     from pipeline.cli import main
 
     argv = [str(a) for a in args]
-    print(f"\n$ curate {shlex.join(argv)}", flush=True)
+    print(f"\n$ curate {shlex.join(argv)}" + (f" > {shlex.quote(str(stdout_to))}" if stdout_to else ""), flush=True)
     t0 = time.perf_counter()
-    rc = main(argv)
+    if stdout_to is None:
+        rc = main(argv)
+    else:
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            rc = main(argv)
+        if rc == 0:
+            write_atomic(stdout_to, captured.getvalue().encode())
     if rc != 0:
         raise CurateError(f"demo stage `curate {argv[0]}` failed (exit {rc}); see the messages above")
     print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -67,14 +77,6 @@ def filter_config() -> dict:
             "fluency_threshold": 0.5,
         },
     }
-
-
-def train_config(out: Path, steps: int) -> dict:
-    """The trainer's CPU-sized demo run on the converted MoE: DynamicUniform with the sheared-code
-    rule, references measured on the starting model, several re-weightings."""
-    from trainer.config import demo_train_config
-
-    return demo_train_config(tokens=out / "tokens", model={"path": str(out / "moe")}, steps=steps)
 
 
 def run(args) -> int:
@@ -108,7 +110,11 @@ def run(args) -> int:
         _curate("convert", "--dense", out / "dense.yaml", "--out", out / "moe", "--experts", 4,
                 "--top-k", 2, "--method", "independent-random", "--gate", "linear", "--gate-init", "random")
 
-    _write_yaml(out / "train.yaml", train_config(out, args.steps))
+    # the trainer's CPU-sized demo run on the converted MoE (the `demo` preset: dynamic uniform weights
+    # with the sheared-code rule, references measured on the starting model, several re-weightings)
+    _curate("train", "--print-config", "--preset", "demo", "--set", f"model.path={out / 'moe'}",
+            "--set", f"data.tokens={out / 'tokens'}", "--set", f"train.max_steps={args.steps}",
+            stdout_to=out / "train.yaml")
     run_dir = out / "run"
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         _curate("train", "--config", out / "train.yaml", "--out", run_dir, "--resume")
@@ -149,7 +155,8 @@ def _print_summary(out: Path, seconds: float) -> None:
     k = max(1, len(metrics) // 5)
     first = sum(m["loss"] for m in metrics[:k]) / k
     last = sum(m["loss"] for m in metrics[-k:]) / k
-    console.print(f"training loss {first:.3f} -> {last:.3f} over {metrics[-1]['step']} steps; "
+    console.print(f"training loss {first:.3f} -> {last:.3f} (mean of the first and of the last {k} logged steps) "
+                  f"over {metrics[-1]['step']} steps; "
                   f"{len(weights)} domain-weight records; curves: {out / 'curves.png'}")
     console.print(f"demo finished in {seconds:.0f} s; outputs in {out}")
 
