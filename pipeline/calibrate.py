@@ -22,6 +22,7 @@ import numpy as np
 
 from filters.config import FilterConfig, calibrate_config, parse_filter_config
 from common.errors import CurateError
+from common.progress import Progress
 from pipeline.domains import DatasetManifest
 from pipeline.readers import Shard, ShardReadError, read_shard
 from pipeline.stages import worker_chain
@@ -127,7 +128,7 @@ def known(cfg: FilterConfig, shards: list[Shard], run_key: str, cache: str | Pat
 
 
 def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, client,
-            run_key: str, cache: str | Path | None = None) -> FilterConfig:
+            run_key: str, cache: str | Path | None = None, progress: bool = True) -> FilterConfig:
     """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none).
     `run_key` is `stages.run_hash` of `cfg`: it names the workers' loaded chain (reused here) and
     keys the cached thresholds."""
@@ -139,7 +140,11 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
     picked, per_shard, key = _sample(cfg, shards, run_key)
     futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard, run_key=run_key,
                          key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
-    parts = client.gather(futures)
+    from distributed import as_completed
+    with Progress(len(picked), "calibrate", unit="shard", enabled=progress) as bar:
+        for _ in as_completed(futures):
+            bar.update(1)
+    parts = client.gather(futures)          # in the order of `picked`, so the thresholds are reproducible
     domains = [d for p in parts for d in p["domains"]]
     if not domains:
         raise CurateError(f"calibration found no documents in the {len(picked)} sampled shard(s) "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from filters.config import FilterConfig, build_filters, load_filter_config
 from common.errors import CurateError
+from common.progress import Progress, add_progress_argument
 from pipeline import calibrate
 from pipeline.cluster import dask_client
 from pipeline.domains import DatasetManifest, load_dataset_manifest
@@ -39,12 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset manifest YAML naming domains and fields "
                                      "(default: data_manifests/slimpajama.yaml)")
     p.add_argument("--force", action="store_true", help="redo shards even when already done with the same config")
-    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     m = run_filter(args.inputs, args.out, config=args.config, workers=args.workers, scheduler=args.scheduler,
-                   dataset=args.dataset, force=args.force, progress=not args.no_progress)
+                   dataset=args.dataset, force=args.force, progress=args.progress)
     t, sh = m["totals"], m["shards"]
     removed = ", ".join(f"{k} {v}" for k, v in t["removed"].items()) or "none"
     print(f"{t['docs_in']} documents in, {t['kept']} kept, removed: {removed}, malformed {t['malformed']}; "
@@ -65,7 +66,6 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
                progress: bool = True) -> dict:
     """Run the filter stage; returns the run manifest (also written to OUT/manifest.json)."""
     from distributed import as_completed
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
@@ -94,7 +94,8 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)
         if resolved is None:
-            cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json")
+            cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json",
+                                    progress=progress)
             h = run_hash(cfg, models, ds)      # calibration changes thresholds, not model files
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]
@@ -121,9 +122,9 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         t_submit = time.perf_counter()
         futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns,
                                  key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
-        bar = tqdm(as_completed(futures), total=len(shards), initial=skipped, desc="shards", unit="shard",
-                   disable=not progress, file=sys.stderr)
-        for fut in bar:
+        bar = Progress(len(shards), "filter", unit="shard", initial=skipped, enabled=progress)
+        for fut in as_completed(futures):
+            bar.update(1)
             s = futures[fut]
             try:
                 results[s.id] = fut.result()
