@@ -44,22 +44,24 @@ def curate(*args: str, check: bool = True, timeout: float = 600, **kw) -> subpro
     return proc
 
 
-def run_cli(*args, check: bool = True) -> tuple[int, str, str]:
-    """Run `curate ARGS` in this process through `pipeline.cli.main` (no interpreter start-up, torch
-    already imported): (exit code, stdout, stderr). For tests where the process boundary is not the
-    point; `curate()` above starts the real console script."""
+def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `curate ARGS` in this process through `pipeline.cli.main`, capturing what it prints: the
+    same result as `curate()` without starting an interpreter and importing everything again. For
+    tests where the process boundary is not the point (signals, torchrun, a separate cluster's
+    client are: they use `curate()`)."""
     from pipeline.cli import main
 
+    argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            rc = main([str(a) for a in args])
+            rc = main(argv)
         except SystemExit as e:          # argparse: --help, --version, usage errors
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    proc = subprocess.CompletedProcess(["curate", *argv], rc, out.getvalue(), err.getvalue())
     if check and rc != 0:
-        raise AssertionError(f"curate {' '.join(map(str, args))} failed ({rc}):\n"
-                             f"{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
-    return rc, out.getvalue(), err.getvalue()
+        raise AssertionError(f"curate {' '.join(argv)} failed ({rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture(scope="session")

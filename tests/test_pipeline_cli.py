@@ -12,8 +12,8 @@ from pipeline.cli import COMMANDS, build_parser
 
 
 def test_version():
-    rc, out, _ = run_cli("--version")
-    assert rc == 0 and out.strip() == f"curate {importlib.metadata.version('llama-moe-curate')}"
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"curate {importlib.metadata.version('llama-moe-curate')}"
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:

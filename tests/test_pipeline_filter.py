@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import VENV_BIN, curate, external_dask_cluster
+from conftest import VENV_BIN, external_dask_cluster, run_cli
 
 from pipeline.manifest import adds_up
 
@@ -46,7 +46,7 @@ def write_cfg(tmp_path: Path, text: str = LENGTH_CFG, name: str = "filters.yaml"
 def test_local_cluster_two_workers(sample_dir, tmp_path):
     cfg = write_cfg(tmp_path)
     out = tmp_path / "out"
-    proc = curate("filter", sample_dir / "train", "--out", out, "--config", cfg, "--workers", 2)
+    proc = run_cli("filter", sample_dir / "train", "--out", out, "--config", cfg, "--workers", 2)
     assert "dashboard http" in proc.stderr
     m = manifest(out)
     summary = json.loads((sample_dir / "sample.json").read_text())
@@ -83,16 +83,16 @@ def test_local_cluster_two_workers(sample_dir, tmp_path):
 
     # a re-run with the same config skips every shard and leaves the files untouched
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
-    curate("filter", sample_dir / "train", "--out", out, "--config", cfg, "--workers", 1)
+    run_cli("filter", sample_dir / "train", "--out", out, "--config", cfg, "--workers", 1)
     assert manifest(out)["shards"]["skipped"] == 4 and manifest(out)["totals"] == t
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
 
-    table_out = curate("manifest", out).stdout
+    table_out = run_cli("manifest", out).stdout
     for word in ("CommonCrawl", "StackExchange", "removed: length", "kept %", str(t["docs_in"])):
         assert word in table_out
 
     # a changed config redoes every shard; files the new run does not produce (all rejected now) go away
-    curate("filter", sample_dir / "train", "--out", out, "--config", write_cfg(tmp_path, "length: {min_words: 100000}\n",
+    run_cli("filter", sample_dir / "train", "--out", out, "--config", write_cfg(tmp_path, "length: {min_words: 100000}\n",
                                                                                "all.yaml"), "--workers", 1)
     assert manifest(out)["shards"]["skipped"] == 0 and manifest(out)["totals"]["kept"] == 0
     assert not list((out / "kept").rglob("*.parquet")) and len(ids(out, "rejected")) == t["docs_in"]
@@ -115,7 +115,7 @@ def test_every_bad_input(tmp_path):
     (src / "empty.jsonl").write_bytes(b"")
     out = tmp_path / "out"
 
-    proc = curate("filter", src, "--out", out, "--workers", 2, check=False)
+    proc = run_cli("filter", src, "--out", out, "--workers", 2, check=False)
     assert proc.returncode == 1, proc.stderr          # a shard failed: the exit code says so
     assert "failed shard truncated" in proc.stderr
     sm = shard_manifests(out)
@@ -142,7 +142,7 @@ def test_every_bad_input(tmp_path):
     assert not leftovers(out)
 
     # a re-run redoes only the failed shard
-    proc = curate("filter", src, "--out", out, "--workers", 1, check=False)
+    proc = run_cli("filter", src, "--out", out, "--workers", 1, check=False)
     assert proc.returncode == 1 and manifest(out)["shards"]["skipped"] == 3
 
 
@@ -159,7 +159,7 @@ def test_errors_before_any_work(tmp_path, sample_dir):
         (["filter", sample_dir / "train", "--out", out, "--dataset", tmp_path / "none.yaml"], "does not exist"),
     ]
     for args, message in cases:
-        proc = curate(*args, check=False)
+        proc = run_cli(*args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert not out.exists(), "nothing may be written before the inputs and config are valid"
@@ -185,8 +185,8 @@ def test_external_dask_cluster_gives_the_local_result(sample_dir, tmp_path):
         from distributed import Client
 
         cfg = write_cfg(tmp_path)
-        curate("filter", sample_dir / "train", "--out", tmp_path / "remote", "--config", cfg, "--scheduler", address)
-        curate("filter", sample_dir / "train", "--out", tmp_path / "local", "--config", cfg, "--workers", 2)
+        run_cli("filter", sample_dir / "train", "--out", tmp_path / "remote", "--config", cfg, "--scheduler", address)
+        run_cli("filter", sample_dir / "train", "--out", tmp_path / "local", "--config", cfg, "--workers", 2)
         remote, local = manifest(tmp_path / "remote"), manifest(tmp_path / "local")
         assert remote["cluster"] == {"scheduler": address, "workers": 2}
         assert remote["totals"] == local["totals"] and remote["config_hash"] == local["config_hash"]
@@ -216,7 +216,7 @@ def test_external_dask_cluster_gives_the_local_result(sample_dir, tmp_path):
 def test_sigkill_part_way_then_resume_equals_uninterrupted(tmp_path):
     corpus, _ = many_small_docs(tmp_path)
     cfg = write_cfg(tmp_path, "length: {min_words: 20}\n")
-    curate("filter", corpus, "--out", tmp_path / "ref", "--config", cfg, "--workers", 2)
+    run_cli("filter", corpus, "--out", tmp_path / "ref", "--config", cfg, "--workers", 2)
 
     cut = tmp_path / "cut"
     exe = VENV_BIN / "curate"
@@ -233,7 +233,7 @@ def test_sigkill_part_way_then_resume_equals_uninterrupted(tmp_path):
     assert done_before < 16, "the run finished before the kill: the test did not cut it part-way"
     assert not (cut / "manifest.json").exists()
 
-    curate("filter", corpus, "--out", cut, "--config", cfg, "--workers", 2)
+    run_cli("filter", corpus, "--out", cut, "--config", cfg, "--workers", 2)
     ref_ids, cut_ids = ids(tmp_path / "ref"), ids(cut)
     assert len(cut_ids) == len(set(cut_ids)), "duplicate ids after resume"
     assert sorted(cut_ids) == sorted(ref_ids)
@@ -245,7 +245,7 @@ def test_sigkill_part_way_then_resume_equals_uninterrupted(tmp_path):
 
 def test_real_redpajama_sample(real_sample, tmp_path):
     out = tmp_path / "out"
-    curate("filter", real_sample, "--out", out, "--config", write_cfg(tmp_path), "--workers", 2)
+    run_cli("filter", real_sample, "--out", out, "--config", write_cfg(tmp_path), "--workers", 2)
     t = manifest(out)["totals"]
     n_lines = sum(len(zstandard.ZstdDecompressor().stream_reader(f.open("rb")).read().splitlines())
                   for f in real_sample.rglob("*.jsonl.zst"))
@@ -273,7 +273,7 @@ def test_llama_moe_layout_end_to_end(tmp_path):
         (tmp_path / "data" / folder / "part-0.jsonl").write_text(
             "".join(json.dumps({"content": f"{folder} {i}"}) + "\n" for i in range(5)))
     out = tmp_path / "out"
-    curate("filter", tmp_path / "data", "--out", out, "--dataset", manifest_yaml, "--workers", 1, "--no-progress")
+    run_cli("filter", tmp_path / "data", "--out", out, "--dataset", manifest_yaml, "--workers", 1, "--no-progress")
     assert sorted(p.relative_to(out).as_posix() for p in (out / "kept").rglob("*.parquet")) == \
         ["kept/C4/c4__part-0.parquet", "kept/GitHub/github__part-0.parquet"]
     assert manifest(out)["totals"]["kept"] == 10

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import curate
+from conftest import run_cli
 
 from pipeline.manifest import Tally, adds_up
 
@@ -32,11 +32,11 @@ def test_manifest_command_prints_a_tokenize_output(tmp_path):
         "kind": "tokenize", "tokenizer": "x",
         "domains": {"C4": {"documents": 120, "tokens": 45678, "eval": {"tokens": 512}},
                       "GitHub": {"documents": 7, "tokens": 901, "eval": {"tokens": 64}}}}))
-    out = curate("manifest", tmp_path).stdout
+    out = run_cli("manifest", tmp_path).stdout
     for word in ("tokenize", "C4", "GitHub", "45,678", "eval.tokens", "46,579", "total"):
         assert word in out, out
 
 
 def test_manifest_command_needs_a_manifest(tmp_path):
-    proc = curate("manifest", tmp_path, check=False)
+    proc = run_cli("manifest", tmp_path, check=False)
     assert proc.returncode == 2 and "manifest.json does not exist" in proc.stderr

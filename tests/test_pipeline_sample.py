@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import zstandard
-from conftest import curate
+from conftest import run_cli
 
 from pipeline.domains import load_dataset_manifest
 
@@ -21,7 +21,7 @@ def read_docs(root: Path) -> dict[str, list[dict]]:
 
 def test_sample_is_deterministic_and_seed_dependent(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        curate("sample", tmp_path / name, "--seed", seed, "--docs-per-domain", 40, "--shards", 3)
+        run_cli("sample", tmp_path / name, "--seed", seed, "--docs-per-domain", 40, "--shards", 3)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 3 + 4 + 2          # shards, label files, lm.txt + sample.json
     for rel in files:

@@ -31,7 +31,7 @@ def tokens(sample_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_key_is_printed_with_a_comment(preset):
-    _, text, _ = run_cli("train", "--print-config", "--preset", preset)
+    text = run_cli("train", "--print-config", "--preset", preset).stdout
     printed = yaml.safe_load(text)
     sections = {**SECTIONS, "sampler": SamplerConfig}
     assert set(printed) == set(sections) | {"out"}
@@ -49,7 +49,7 @@ def test_every_key_is_printed_with_a_comment(preset):
 
 
 def test_paper_preset_is_the_papers_setup():
-    _, text, _ = run_cli("train", "--print-config", "--preset", "paper")
+    text = run_cli("train", "--print-config", "--preset", "paper").stdout
     c = yaml.safe_load(text)
     assert c["optim"] == {"lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 100, "betas": [0.9, 0.95],
                           "eps": 1e-8, "weight_decay": 0.1, "clip": 1.0}
@@ -62,16 +62,16 @@ def test_paper_preset_is_the_papers_setup():
 def test_printed_smollm2_preset_trains_on_cpu_with_set(tokens, tmp_path):
     """The acceptance path: print, then train with --set (a tiny dense model stands in for SmolLM2 so
     two CPU steps take seconds; the structure, conversion on the fly and sampler are the preset's)."""
-    _, text, _ = run_cli("train", "--print-config", "--preset", "smollm2-moe")
+    text = run_cli("train", "--print-config", "--preset", "smollm2-moe").stdout
     (tmp_path / "t.yaml").write_text(text)
     (tmp_path / "dense.yaml").write_text(yaml.safe_dump(TINY_DENSE))
     run = tmp_path / "run"
-    rc, out, err = run_cli("train", "--config", tmp_path / "t.yaml", "--set", f"data.tokens={tokens}",
-                           "--set", "train.max_steps=2", "--set", "model.dense=dense.yaml",
-                           "--set", "data.seq_len=32", "--set", "data.micro_batch_size=2",
-                           "--set", "data.global_batch_tokens=null", "--set", "train.eval_batches=1",
-                           "--set", "train.device=cpu", "--out", run)
-    assert rc == 0
+    proc = run_cli("train", "--config", tmp_path / "t.yaml", "--set", f"data.tokens={tokens}",
+                   "--set", "train.max_steps=2", "--set", "model.dense=dense.yaml",
+                   "--set", "data.seq_len=32", "--set", "data.micro_batch_size=2",
+                   "--set", "data.global_batch_tokens=null", "--set", "train.eval_batches=1",
+                   "--set", "train.device=cpu", "--out", run)
+    out, err = proc.stdout, proc.stderr
     saved = load_train_config(run / "config.yaml")
     assert saved.train.max_steps == 2 and saved.data.tokens == str(tokens)
     assert saved.model.convert.experts == 8 and saved.sampler["preset"] == "sheared"
@@ -81,23 +81,23 @@ def test_printed_smollm2_preset_trains_on_cpu_with_set(tokens, tmp_path):
 
 
 def test_set_is_validated_like_the_file(tmp_path):
-    _, text, _ = run_cli("train", "--print-config", "--preset", "demo")
+    text = run_cli("train", "--print-config", "--preset", "demo").stdout
     (tmp_path / "t.yaml").write_text(text)
     for setting, named in (("train.max_stepz=2", "train.max_stepz"), ("optim.lr=fast", "optim.lr"),
                            ("sampler.kind=sometimes", "kind"), ("data=3", "data")):
-        rc, _, err = run_cli("train", "--config", tmp_path / "t.yaml", "--set", setting, check=False)
-        assert rc == 2 and named in err, (setting, err)
-    rc, _, err = run_cli("train", "--print-config", "--set", "optim.lr=fast", check=False)
-    assert rc == 2 and "optim.lr" in err
+        proc = run_cli("train", "--config", tmp_path / "t.yaml", "--set", setting, check=False)
+        assert proc.returncode == 2 and named in proc.stderr, (setting, proc.stderr)
+    proc = run_cli("train", "--print-config", "--set", "optim.lr=fast", check=False)
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr
     # YAML's quirk: 2.5e9 reads as a string; the loader takes it as the number it is
-    _, text, _ = run_cli("train", "--print-config", "--set", "sampler.reweight_every_tokens=2.5e9")
+    text = run_cli("train", "--print-config", "--set", "sampler.reweight_every_tokens=2.5e9").stdout
     assert yaml.safe_load(text)["sampler"]["reweight_every_tokens"] == 2_500_000_000
     with pytest.raises(CurateError, match="KEY=VALUE"):
         parse_assignment("train.max_steps")
 
 
 def test_set_overrides_reach_nested_keys(tmp_path):
-    _, text, _ = run_cli("train", "--print-config", "--preset", "paper")
+    text = run_cli("train", "--print-config", "--preset", "paper").stdout
     (tmp_path / "t.yaml").write_text(text)
     cfg = load_train_config(tmp_path / "t.yaml", dict(parse_assignment(a) for a in (
         "data.tokens=tok", "model.convert.top_k=2", "optim.betas=[0.9, 0.99]", "sampler.reweight_every_tokens=1e9")))

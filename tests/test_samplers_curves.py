@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from conftest import curate
+from conftest import run_cli
 
 from samplers import update_weights
 
@@ -37,7 +37,7 @@ def make_run(run: Path, with_reference: bool = True, records: int = 9) -> list[d
 
 def test_curves_png_and_html(tmp_path):
     recs = make_run(tmp_path / "run")
-    proc = curate("curves", tmp_path / "run")
+    proc = run_cli("curves", tmp_path / "run")
     png, page = tmp_path / "run" / "curves.png", tmp_path / "run" / "curves.html"
     assert str(png) in proc.stdout
     data = png.read_bytes()
@@ -57,28 +57,28 @@ def test_reference_from_config_and_custom_out(tmp_path):
     make_run(tmp_path / "run", with_reference=False, records=4)
     (tmp_path / "run" / "config.yaml").write_text("sampler:\n  kind: dynamic\n  reference_losses: llama2-7b\n")
     out = tmp_path / "figs" / "w.png"
-    curate("curves", tmp_path / "run", "--out", out)
+    run_cli("curves", tmp_path / "run", "--out", out)
     assert out.stat().st_size > 10_000 and "Reference losses: CommonCrawl 1.6917" in out.with_suffix(".html").read_text()
     # measured references: the first evaluation's losses
     (tmp_path / "run" / "config.yaml").write_text("sampler:\n  kind: dynamic\n  reference_losses: measure\n")
-    curate("curves", tmp_path / "run")
+    run_cli("curves", tmp_path / "run")
     first = json.loads((tmp_path / "run" / "domain_weights.jsonl").read_text().splitlines()[1])["eval_loss"]
     assert f"Reference losses: CommonCrawl {first['CommonCrawl']:.4f}" in (tmp_path / "run" / "curves.html").read_text()
     # without any reference the excess panel says so instead of failing
     (tmp_path / "run" / "config.yaml").unlink()
-    curate("curves", tmp_path / "run")
+    run_cli("curves", tmp_path / "run")
     assert "No reference losses known" in (tmp_path / "run" / "curves.html").read_text()
 
 
 def test_clear_errors(tmp_path):
-    proc = curate("curves", tmp_path / "missing", check=False)
+    proc = run_cli("curves", tmp_path / "missing", check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = curate("curves", tmp_path / "empty", check=False)
+    proc = run_cli("curves", tmp_path / "empty", check=False)
     assert proc.returncode == 2 and "no domain_weights.jsonl and no metrics.jsonl" in proc.stderr
     make_run(tmp_path / "bad", records=3)
     with open(tmp_path / "bad" / "domain_weights.jsonl", "a") as f:
         f.write("{not json\n")
-    proc = curate("curves", tmp_path / "bad", check=False)
+    proc = run_cli("curves", tmp_path / "bad", check=False)
     assert proc.returncode == 2 and "domain_weights.jsonl:4 is not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import curate
+from conftest import run_cli
 from test_tokenize_cli import write_kept
 
 from common.errors import CurateError
@@ -26,7 +26,7 @@ def tokdir(sample_dir, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("stream")
     only = {d: 40 for d in ("CommonCrawl", "C4", "GitHub", "Wikipedia", "Books", "StackExchange")}
     write_kept(sample_dir / "train" / "chunk1", base / "f", only={**only, "ArXiv": 2})
-    curate("tokenize", base / "f", "--tokenizer", "train:400", "--out", base / "tok", "--workers", "1",
+    run_cli("tokenize", base / "f", "--tokenizer", "train:400", "--out", base / "tok", "--workers", "1",
            "--eval-tokens", "400")
     return base / "tok"
 

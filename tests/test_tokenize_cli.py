@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import curate
+from conftest import run_cli
 
 from pipeline.domains import load_dataset_manifest
 from pipeline.tokenize import doc_key
@@ -108,7 +108,7 @@ def kept(sample_dir, tmp_path_factory) -> tuple[Path, dict]:
 def bpe_tokdir(kept, tmp_path_factory) -> Path:
     src, _ = kept
     tokdir = tmp_path_factory.mktemp("tok") / "tokens"
-    proc = curate("tokenize", src, "--tokenizer", "train:2048", "--out", tokdir, "--workers", "2",
+    proc = run_cli("tokenize", src, "--tokenizer", "train:2048", "--out", tokdir, "--workers", "2",
                   "--eval-tokens", "3000")
     assert "2 worker(s)" in proc.stderr
     return tokdir
@@ -137,7 +137,7 @@ def test_trained_bpe_packs_every_document_exactly(kept, bpe_tokdir):
 
 def test_resume_skips_done_shards_and_redoes_changed_ones(kept, bpe_tokdir, tmp_path):
     src, _ = kept
-    proc = curate("tokenize", src, "--tokenizer", "train:2048", "--out", bpe_tokdir, "--eval-tokens", "3000")
+    proc = run_cli("tokenize", src, "--tokenizer", "train:2048", "--out", bpe_tokdir, "--eval-tokens", "3000")
     assert "reusing the BPE" in proc.stderr and "14 already done, 0 to do" in proc.stderr
     # a fixed tokenizer (TOKDIR is a Hugging Face tokenizer directory) on a copy of the input
     copy = tmp_path / "src"
@@ -145,7 +145,7 @@ def test_resume_skips_done_shards_and_redoes_changed_ones(kept, bpe_tokdir, tmp_
         (copy / p.relative_to(src).parent).mkdir(parents=True, exist_ok=True)
         (copy / p.relative_to(src)).write_bytes(p.read_bytes())
     out = tmp_path / "tok"
-    curate("tokenize", copy, "--tokenizer", bpe_tokdir, "--out", out, "--eval-tokens", "3000")
+    run_cli("tokenize", copy, "--tokenizer", bpe_tokdir, "--out", out, "--eval-tokens", "3000")
     before = json.loads((out / "manifest.json").read_text())
     assert before["tokenizer"]["kind"] == "hf-directory"
     # a shard whose marker is lost, and one whose input changed, are redone; nothing else
@@ -153,7 +153,7 @@ def test_resume_skips_done_shards_and_redoes_changed_ones(kept, bpe_tokdir, tmp_
     changed = copy / "kept" / "Books" / "example_train_1.parquet"
     t = pq.read_table(changed)
     pq.write_table(t.slice(0, t.num_rows - 1), changed)
-    proc = curate("tokenize", copy, "--tokenizer", bpe_tokdir, "--out", out, "--eval-tokens", "3000")
+    proc = run_cli("tokenize", copy, "--tokenizer", bpe_tokdir, "--out", out, "--eval-tokens", "3000")
     assert "12 already done, 2 to do" in proc.stderr, proc.stderr
     after = json.loads((out / "manifest.json").read_text())
     assert after["domains"]["C4"] == before["domains"]["C4"]
@@ -166,7 +166,7 @@ def test_resume_skips_done_shards_and_redoes_changed_ones(kept, bpe_tokdir, tmp_
 def gguf_tokdir(sample_dir, smollm2_gguf, tmp_path_factory) -> tuple[Path, dict]:
     base = tmp_path_factory.mktemp("gguf")
     docs = write_kept(sample_dir / "train" / "chunk1", base / "f", per_domain=15)
-    curate("tokenize", base / "f", "--tokenizer", smollm2_gguf, "--out", base / "tok", "--workers", "1",
+    run_cli("tokenize", base / "f", "--tokenizer", smollm2_gguf, "--out", base / "tok", "--workers", "1",
            "--eval-tokens", "500")
     return base / "tok", docs
 
@@ -192,7 +192,7 @@ def test_gguf_tokenizer_on_the_real_sample(real_sample, gguf_tokdir, tmp_path):
     docs = write_kept(real_sample / "train" / "chunk1", tmp_path / "f",
                       only={"Wikipedia": 5, "ArXiv": 2, "GitHub": 8, "CommonCrawl": 3, "StackExchange": 20})
     tokdir = tmp_path / "tok"
-    curate("tokenize", tmp_path / "f", "--tokenizer", gguf_dir, "--out", tokdir, "--workers", "1",
+    run_cli("tokenize", tmp_path / "f", "--tokenizer", gguf_dir, "--out", tokdir, "--workers", "1",
            "--eval-tokens", "2000")
     m = json.loads((tokdir / "manifest.json").read_text())
     assert m["tokenizer"]["sha256"] == json.loads((gguf_dir / "manifest.json").read_text())["tokenizer"]["sha256"]
@@ -217,7 +217,7 @@ def test_sentencepiece_model_with_bos(sample_dir, tmp_path):
                                    model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
                                    minloglevel=2)
     tokdir = tmp_path / "tok"
-    curate("tokenize", tmp_path / "f", "--tokenizer", tmp_path / "llama.model", "--out", tokdir,
+    run_cli("tokenize", tmp_path / "f", "--tokenizer", tmp_path / "llama.model", "--out", tokdir,
            "--eval-tokens", "300")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "llama.model"))
     m = check_layout(tokdir, docs, lambda text: [1] + sp.encode(text) + [2])
@@ -227,7 +227,7 @@ def test_sentencepiece_model_with_bos(sample_dir, tmp_path):
 def test_single_document_domain_holds_out_its_tail(sample_dir, tmp_path):
     docs = write_kept(sample_dir / "train" / "chunk1", tmp_path / "f", only={"Books": 1, "C4": 30})
     tokdir = tmp_path / "tok"
-    curate("tokenize", tmp_path / "f", "--tokenizer", "train:400", "--out", tokdir, "--eval-tokens", "100000")
+    run_cli("tokenize", tmp_path / "f", "--tokenizer", "train:400", "--out", tokdir, "--eval-tokens", "100000")
     m = json.loads((tokdir / "manifest.json").read_text())
     books = m["domains"]["Books"]
     assert books["eval_split"] == "tail-of-document" and books["docs"] == 1
@@ -243,31 +243,31 @@ def test_single_document_domain_holds_out_its_tail(sample_dir, tmp_path):
 
 def test_bad_inputs_fail_clearly_and_lose_nothing(kept, bpe_tokdir, tmp_path):
     src, _ = kept
-    proc = curate("tokenize", tmp_path / "nowhere", "--tokenizer", "train:500", "--out", tmp_path / "t", check=False)
+    proc = run_cli("tokenize", tmp_path / "nowhere", "--tokenizer", "train:500", "--out", tmp_path / "t", check=False)
     assert proc.returncode == 2 and "kept" in proc.stderr and "Traceback" not in proc.stderr
-    proc = curate("tokenize", src, "--tokenizer", tmp_path / "missing.gguf", "--out", tmp_path / "t", check=False)
+    proc = run_cli("tokenize", src, "--tokenizer", tmp_path / "missing.gguf", "--out", tmp_path / "t", check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = curate("tokenize", src, "--tokenizer", "train:lots", "--out", tmp_path / "t", check=False)
+    proc = run_cli("tokenize", src, "--tokenizer", "train:lots", "--out", tmp_path / "t", check=False)
     assert proc.returncode == 2 and "train:VOCAB_SIZE" in proc.stderr
     bad = tmp_path / "bad"
     (bad / "kept").mkdir(parents=True)
-    proc = curate("tokenize", bad, "--tokenizer", "train:500", "--out", tmp_path / "t", check=False)
+    proc = run_cli("tokenize", bad, "--tokenizer", "train:500", "--out", tmp_path / "t", check=False)
     assert proc.returncode == 2 and "no Parquet files" in proc.stderr
     # a corrupt Parquet file: that shard fails with its error, the others finish, no manifest yet
     (bad / "kept" / "GitHub").mkdir()
     for p in (src / "kept").glob("GitHub/*.parquet"):
         (bad / "kept" / "GitHub" / p.name).write_bytes(p.read_bytes())
     (bad / "kept" / "GitHub" / "example_train_9.parquet").write_bytes(b"PAR1 not really parquet")
-    proc = curate("tokenize", bad, "--tokenizer", "train:500", "--out", tmp_path / "t", check=False)
+    proc = run_cli("tokenize", bad, "--tokenizer", "train:500", "--out", tmp_path / "t", check=False)
     assert proc.returncode == 2 and "example_train_9.parquet" in proc.stderr and "Traceback" not in proc.stderr
     out = tmp_path / "t2"
     # TOKDIR of another run is a Hugging Face tokenizer directory
-    proc = curate("tokenize", bad, "--tokenizer", bpe_tokdir, "--out", out, "--workers", "1", check=False)
+    proc = run_cli("tokenize", bad, "--tokenizer", bpe_tokdir, "--out", out, "--workers", "1", check=False)
     assert proc.returncode == 2 and "1 shard(s) failed" in proc.stderr and "example_train_9" in proc.stderr
     assert not (out / "manifest.json").exists()
     assert json.loads((out / "shards" / "GitHub" / "example_train_9.json").read_text())["status"] == "failed"
     (bad / "kept" / "GitHub" / "example_train_9.parquet").unlink()
-    proc = curate("tokenize", bad, "--tokenizer", bpe_tokdir, "--out", out, "--workers", "1")
+    proc = run_cli("tokenize", bad, "--tokenizer", bpe_tokdir, "--out", out, "--workers", "1")
     assert "2 already done, 0 to do" in proc.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert list(m["domains"]) == ["GitHub"] and m["tokenizer"]["kind"] == "hf-directory"

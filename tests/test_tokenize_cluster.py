@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VENV_BIN, curate, external_dask_cluster
+from conftest import VENV_BIN, external_dask_cluster, run_cli
 from test_tokenize_cli import write_kept
 
 
@@ -32,14 +32,14 @@ def corpus(sample_dir, tmp_path_factory) -> tuple[Path, Path]:
     """Kept Parquet of the sample (21 shards) and a fixed tokenizer directory (a trained BPE)."""
     base = tmp_path_factory.mktemp("cluster")
     write_kept(sample_dir / "train" / "chunk1", base / "f", per_domain=300)
-    curate("tokenize", base / "f", "--tokenizer", "train:1000", "--out", base / "local", "--workers", "2")
+    run_cli("tokenize", base / "f", "--tokenizer", "train:1000", "--out", base / "local", "--workers", "2")
     return base / "f", base / "local"
 
 
 def test_external_scheduler_equals_local(corpus, tmp_path):
     src, local = corpus
     with external_dask_cluster(tmp_path, nworkers=1) as address:
-        proc = curate("tokenize", src, "--tokenizer", local, "--out", tmp_path / "remote", "--scheduler", address)
+        proc = run_cli("tokenize", src, "--tokenizer", local, "--out", tmp_path / "remote", "--scheduler", address)
         assert "1 worker(s)" in proc.stderr
     # the remote run used `local` as a tokenizer directory: the same tokenizer.json, byte for byte
     same_output(local, tmp_path / "remote")
@@ -59,6 +59,6 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(corpus, tmp_path):
     run.wait(timeout=30)
     done_before = len(list((out / "shards").glob("*/*.json")))
     assert 3 <= done_before < 21 and not (out / "manifest.json").exists()
-    proc = curate("tokenize", src, "--tokenizer", local, "--out", out, "--workers", "1")
+    proc = run_cli("tokenize", src, "--tokenizer", local, "--out", out, "--workers", "1")
     assert f"{done_before} already done" in proc.stderr
     same_output(local, out)
