@@ -47,7 +47,7 @@ class Progress:
         self.fields: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._start = self._last_line = time.monotonic()
-        self._last_fraction = 0.0
+        self._last_tenth = 0
         self._printed_n: int | None = None       # the count the last plain line showed
         is_tty = self.stream.isatty() if terminal is None else terminal
         self._bar = None
@@ -70,9 +70,9 @@ class Progress:
                 self._bar.set_postfix({k: _short(v) for k, v in self.fields.items()}, refresh=False)
             self._bar.update(n)
             return
-        now = time.monotonic()
-        fraction = self.n / self.total if self.total else 0.0
-        if now - self._last_line >= self.every_s or fraction - self._last_fraction >= 0.1:
+        if self.total and self.n >= self.total:
+            return                  # the closing line says "done"
+        if time.monotonic() - self._last_line >= self.every_s or self._tenth() > self._last_tenth:
             self._line()
 
     def set_fields(self, **fields: Any) -> None:
@@ -132,8 +132,12 @@ class Progress:
             parts.append(state)
         print(", ".join(parts), file=self.stream, flush=True)
         self._last_line = now
-        self._last_fraction = self.n / self.total if self.total else 0.0
+        self._last_tenth = self._tenth()
         self._printed_n = self.n
+
+    def _tenth(self) -> int:
+        """How many tenths of the total are done (0 without a total)."""
+        return 10 * self.n // self.total if self.total else 0
 
 
 def _short(value: Any) -> str:

@@ -11,7 +11,8 @@
     seed: 0
 
 ``reference_losses: measure`` takes the first evaluation (the trainer's evaluation of the
-starting model) as the reference. Unknown keys and bad values are rejected with the key named.
+starting model) as the reference. Unknown keys and bad values are rejected with the key named
+(`from_dict` loads through common/config.py; `validate` adds the ranges, also for direct construction).
 """
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """`curate train` configuration: one YAML file, validated into dataclasses when loaded.
 
-    out: RUN                      # run directory (--out overrides; default ./run)
-    model:
-      path: DIR                   # `curate convert` output, HF LLaMA dir, .gguf, or a model config (random init)
-      # or, to convert a dense model on the fly:
-      dense: PATH
-      convert: {experts: 8, top_k: 2, method: independent-random, gate: noisy-mlp}
-    data: {tokens: TOKDIR, seq_len: 512, micro_batch_size: 8, global_batch_tokens: 65536}
-    sampler: {kind: dynamic, preset: sheared, rule: sheared-paper, reweight_every_tokens: 1000000}
-    optim: {lr: 2.0e-4, min_lr_ratio: 0.1, warmup_steps: 100, betas: [0.9, 0.95], weight_decay: 0.1, clip: 1.0}
-    train: {max_steps: 1000, seed: 0, eval_every_tokens: null, eval_batches: 4, log_every: 10,
-            checkpoint_every: 100, keep_checkpoints: 3, dtype: auto, compile: false,
-            activation_checkpointing: false, parallel: auto, dataloader_workers: 0}
+    curate train --print-config --preset demo|smollm2-moe|paper     # every key, its value and its help
+
+Sections: `model` (path: an MoE or a model config; or dense: + convert: to split a dense LLaMA on
+the fly), `data`, `sampler` (samplers.SamplerConfig), `optim`, `train`, and `out`. Each field's help
+is its `setting(default, help)`; the loading (types from annotations, unknown keys refused, YAML's
+`2.5e9` quirk) is common/config.py's, and each section's `check()` adds the ranges.
 
 Unknown keys and bad values raise `CurateError` naming the key (`optim.lr`). Relative paths are
 resolved against the config file's directory, so a run's own `config.yaml` (written with absolute
