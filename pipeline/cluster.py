@@ -121,8 +121,10 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, quiet:
         if tls:
             raise CurateError("--tls-* options are for --scheduler tls://...; a local cluster stays on 127.0.0.1")
         with dask.config.set(_local_cluster_config()):
-            # host: scheduler, workers and nannies listen on loopback only, as does the dashboard
-            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=n > 1, host=LOOPBACK,
+            # scheduler, workers and nannies listen on loopback only, as does the dashboard (one worker
+            # is a thread talking to the scheduler in-process: no port at all)
+            where = {"host": LOOPBACK} if n > 1 else {}
+            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=n > 1, **where,
                                                dashboard_address=f"{LOOPBACK}:0" if dashboard else None,
                                                worker_dashboard_address=None, silence_logs=logging.ERROR)
         try:
