@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -13,28 +14,54 @@ import yaml
 from common.errors import CurateError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader (plain data only), except that a key given twice in one mapping is an error:
+    the default keeps the last one silently, so a second `ads:` block would quietly replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:        # an unhashable key: let the base class give its own error
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first given at line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str):
-    """The parsed YAML at `path`; CurateError naming `what` (e.g. "filter config") when the file is
-    missing or not valid YAML."""
+    """The parsed YAML at `path` (safe loading: plain data only); CurateError naming `what` (e.g. "filter
+    config") when the file is missing, not valid YAML, or gives a key twice in one mapping."""
     p = Path(path)
     if not p.is_file():
         raise CurateError(f"{what} {p} does not exist")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise CurateError(f"{what} {p} is not valid YAML: {e}") from e
 
 
 TMP_SUFFIX = ".tmp"
+# Our temporary files are `.<final name>.curate-<8 hex>.tmp`: distinctive, so that cleaning up after a
+# killed run never touches a user's own `.something.tmp` under --out.
+_TMP_MARKER = "curate-"
+_OUR_TEMPORARY = re.compile(r"\..+\." + _TMP_MARKER + r"[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
 
 
 def is_temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+    """Whether `name` is one of the temporary files `temporary_path` makes."""
+    return _OUR_TEMPORARY.fullmatch(name) is not None
 
 
 def temporary_path(final: Path) -> Path:
     # unique per attempt, so a retried task never writes into a file an earlier attempt holds open
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    return final.with_name(f".{final.name}.{_TMP_MARKER}{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
 def write_atomic(path: Path, data: bytes) -> None:

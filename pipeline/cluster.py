@@ -1,10 +1,19 @@
-"""Dask distributed client: a LocalCluster by default, an existing scheduler when given."""
+"""Dask distributed client: a LocalCluster by default, an existing scheduler when given.
+
+A local cluster opens nothing to the network: scheduler, workers, nannies and dashboard listen on
+127.0.0.1. A remote scheduler is reached over TCP, or over TLS (`tls://host:port`) with Dask's own
+security: certificates from Dask's config (`distributed.comm.tls.*`) or from --tls-ca-file,
+--tls-cert and --tls-key.
+"""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from common.errors import CurateError
 
@@ -33,9 +42,57 @@ def _local_cluster_config() -> dict:
             "distributed.admin.system-monitor.interval": "2s"}
 
 
+LOOPBACK = "127.0.0.1"
+# what `--scheduler` takes: PROTOCOL://HOST:PORT (or HOST:PORT, meaning tcp://); HOST may be [IPv6]
+SCHEDULER_ADDRESS = re.compile(r"(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})")
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca-file", help="CA certificate that signed the scheduler's and workers' certificates "
+                                         "(for --scheduler tls://...; default: Dask's config)")
+    p.add_argument("--tls-cert", help="this client's certificate (PEM) for --scheduler tls://...")
+    p.add_argument("--tls-key", help="this client's private key (PEM), when not inside --tls-cert")
+
+
+def tls_options(args: argparse.Namespace) -> dict | None:
+    """The TLS files given on the command line, or None to use Dask's config."""
+    given = {"ca_file": args.tls_ca_file, "cert": args.tls_cert, "key": args.tls_key}
+    return {k: v for k, v in given.items() if v} or None
+
+
+def check_scheduler_address(address: str) -> str:
+    m = SCHEDULER_ADDRESS.fullmatch(address)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise CurateError(f"--scheduler {address!r} is not a scheduler address: give PROTOCOL://HOST:PORT, "
+                          "e.g. tcp://10.0.0.5:8786 or tls://scheduler.example:8786")
+    return address if m.group(1) else f"tcp://{address}"
+
+
+def _security(address: str, tls: dict | None):
+    """Dask Security for a remote scheduler: the files given, else whatever Dask's config says."""
+    from distributed.security import Security
+
+    if tls is None:
+        security = Security()       # reads distributed.comm.tls.* from Dask's config
+        if address.startswith("tls://") and not (security.tls_ca_file and security.tls_client_cert):
+            raise CurateError(f"--scheduler {address} uses TLS: give --tls-ca-file and --tls-cert (and --tls-key), "
+                              "or set distributed.comm.tls.ca-file and distributed.comm.tls.client.cert in Dask's config")
+        return security
+    if not address.startswith("tls://"):
+        raise CurateError(f"--tls-* options need a tls:// scheduler address, not {address}")
+    for name, path in tls.items():
+        if not Path(path).is_file():
+            raise CurateError(f"--tls-{name.replace('_', '-')} {path} does not exist")
+    if "ca_file" not in tls or "cert" not in tls:
+        raise CurateError("--scheduler tls://... needs --tls-ca-file and --tls-cert (and --tls-key unless the "
+                          "certificate file holds the key)")
+    return Security(tls_ca_file=tls["ca_file"], tls_client_cert=tls["cert"], tls_client_key=tls.get("key"),
+                    require_encryption=True)
+
+
 @contextlib.contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None,
-                quiet: bool = False) -> Iterator["distributed.Client"]:
+def dask_client(workers: int | None = None, scheduler: str | None = None, quiet: bool = False,
+                dashboard: bool = True, tls: dict | None = None) -> Iterator["distributed.Client"]:
     """Yield a connected `distributed.Client`.
 
     `scheduler` (e.g. tcp://host:8786) attaches to a running cluster; otherwise a LocalCluster
@@ -49,9 +106,11 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
     import distributed
 
     if scheduler:
+        address = check_scheduler_address(scheduler)
+        security = _security(address, tls)
         try:
-            client = distributed.Client(scheduler, timeout="30s")
-        except OSError as e:
+            client = distributed.Client(address, timeout="30s", security=security)
+        except (OSError, ValueError) as e:
             raise CurateError(f"cannot reach the Dask scheduler at {scheduler}: {e}. "
                               "Start one with `dask scheduler` and workers with `dask worker ADDRESS`.") from e
         cluster = None
@@ -59,9 +118,15 @@ def dask_client(workers: int | None = None, scheduler: str | None = None,
         n = 1 if workers is None else workers
         if n < 1:
             raise CurateError(f"--workers must be at least 1, got {n}")
+        if tls:
+            raise CurateError("--tls-* options are for --scheduler tls://...; a local cluster stays on 127.0.0.1")
         with dask.config.set(_local_cluster_config()):
-            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=n > 1,
-                                               dashboard_address=":0", silence_logs=logging.ERROR)
+            # scheduler, workers and nannies listen on loopback only, as does the dashboard (one worker
+            # is a thread talking to the scheduler in-process: no port at all)
+            where = {"host": LOOPBACK} if n > 1 else {}
+            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=n > 1, **where,
+                                               dashboard_address=f"{LOOPBACK}:0" if dashboard else None,
+                                               worker_dashboard_address=None, silence_logs=logging.ERROR)
         try:
             client = distributed.Client(cluster)
         except BaseException:

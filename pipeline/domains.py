@@ -2,6 +2,7 @@
 domain, weight presets and reference losses."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from common.errors import CurateError
 from common.files import read_yaml
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
+# A domain name becomes a directory (kept/<domain>/, tokens/<domain>/): letters, digits, '_', '-' and '.',
+# starting with a letter or digit, so no name can be absolute, climb with '..', or be hidden.
+SAFE_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ def load_dataset_manifest(path: str | Path | None = None) -> DatasetManifest:
     if not isinstance(doms, dict) or not doms:
         raise CurateError(f"dataset manifest {p}: 'domains' must be a mapping of domain name -> settings")
     names = tuple(doms)
+    for d in names:
+        if not isinstance(d, str) or not SAFE_DOMAIN.fullmatch(d):
+            raise CurateError(f"dataset manifest {p}: domain name {d!r} is not allowed: a domain name becomes a "
+                              "directory, so use letters, digits, '_', '-' and '.', starting with a letter or digit "
+                              "(at most 128 characters)")
     set_names = {}
     presets: dict[str, dict[str, float]] = {"uniform": {d: 1.0 / len(names) for d in names}}
     refs = {}

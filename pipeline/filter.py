@@ -10,6 +10,7 @@ filter: the chain comes from `filters.config.build_filters` and the output colum
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 import uuid
@@ -19,14 +20,15 @@ from pathlib import Path
 from filters.config import FilterConfig, build_filters, load_filter_config
 from common.errors import CurateError
 from common.progress import Progress, add_progress_argument
+from common.files import temporary_path
 from pipeline import calibrate
-from pipeline.cluster import dask_client
+from pipeline.cluster import add_tls_arguments, dask_client, tls_options
 from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
                                shard_manifest_path, write_json)
-from pipeline.readers import Shard, discover_shards
+from pipeline.readers import MAX_LINE_BYTES, Shard, discover_shards
 from pipeline.stages import load_on_workers, process_shard, run_hash
-from pipeline.writers import remove_shard_outputs, remove_temporaries, score_columns
+from pipeline.writers import OutputLock, remove_shard_outputs, remove_temporaries, score_columns
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -41,11 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "(default: data_manifests/slimpajama.yaml)")
     p.add_argument("--force", action="store_true", help="redo shards even when already done with the same config")
     add_progress_argument(p)
+    p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help="a longer input line is skipped to its newline as malformed:line_too_long "
+                        f"(default {MAX_LINE_BYTES >> 20} MiB); it also bounds the memory one line takes")
+    p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the Dask dashboard of a local cluster on 127.0.0.1 (default: on)")
+    add_tls_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     m = run_filter(args.inputs, args.out, config=args.config, workers=args.workers, scheduler=args.scheduler,
-                   dataset=args.dataset, force=args.force, progress=args.progress)
+                   dataset=args.dataset, force=args.force, progress=args.progress,
+                   max_line_bytes=args.max_line_bytes, dashboard=args.dashboard, tls=tls_options(args))
     t, sh = m["totals"], m["shards"]
     removed = ", ".join(f"{k} {v}" for k, v in t["removed"].items()) or "none"
     print(f"{t['docs_in']} documents in, {t['kept']} kept, removed: {removed}, malformed {t['malformed']}; "
@@ -63,13 +72,14 @@ def _failed_manifest(shard: Shard, h: str, error: str) -> dict:
 
 def run_filter(inputs: list[str], out: str | Path, config: str | None = None, workers: int | None = None,
                scheduler: str | None = None, dataset: str | None = None, force: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES, dashboard: bool = True,
+               tls: dict | None = None) -> dict:
     """Run the filter stage; returns the run manifest (also written to OUT/manifest.json)."""
-    from distributed import as_completed
-
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise CurateError(f"--workers must be at least 1, got {workers}")
+    if max_line_bytes < 1:
+        raise CurateError(f"--max-line-bytes must be at least 1, got {max_line_bytes}")
     cfg = load_filter_config(config)
     ds = load_dataset_manifest(dataset)
     shards = discover_shards(list(inputs), ds)
@@ -78,25 +88,59 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         raise CurateError(f"--out {out} exists and is not a directory")
     # hashing the models (cached) also fails here, naming the file, when one is missing
     models = model_hashes([f.describe() for f in build_filters(cfg)])
+    # before any work: --out must be writable, and no other run may be writing into it
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CurateError(f"cannot create --out {out}: {e.strerror}") from e
+    lock = OutputLock(out_dir, "curate filter")
+    try:
+        lock.acquire()
+        _check_writable(out_dir)
+        return _run(inputs, out_dir, cfg, ds, shards, models, t0, workers=workers, scheduler=scheduler,
+                    force=force, progress=progress, max_line_bytes=max_line_bytes, dashboard=dashboard, tls=tls)
+    finally:
+        lock.release()
+        if created and not any(out_dir.iterdir()):     # a run stopped by a start-up check leaves nothing
+            out_dir.rmdir()
 
-    with dask_client(workers=workers, scheduler=scheduler) as client:
+
+def _check_writable(out_dir: Path) -> None:
+    """Write and remove a temporary file in --out and in each output folder already there (the lock
+    proved --out itself writable; a read-only folder below it would otherwise fail every shard)."""
+    for d in (out_dir / sub for sub in ("kept", "rejected", "shards")):
+        if d.is_dir():
+            probe = temporary_path(d / "probe")
+            try:
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise CurateError(f"--out {out_dir}: cannot write into {d}: {e.strerror}") from e
+
+
+def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifest, shards: list[Shard],
+         models: dict[str, str], t0: float, *, workers: int | None, scheduler: str | None, force: bool,
+         progress: bool, max_line_bytes: int, dashboard: bool, tls: dict | None) -> dict:
+    from distributed import as_completed
+
+    with dask_client(workers=workers, scheduler=scheduler, dashboard=dashboard, tls=tls) as client:
         # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
         # so the manifest and a re-run see the same thresholds (cached beside the output). When they
         # are already known, the workers load the final chain once.
-        h = run_hash(cfg, models, ds)
+        h = run_hash(cfg, models, ds, max_line_bytes)
         calibrate.check_domains(cfg, ds)
         resolved = calibrate.known(cfg, shards, h, out_dir / "calibration.json")
         if resolved is not None:
-            cfg, h = resolved, run_hash(resolved, models, ds)
+            cfg, h = resolved, run_hash(resolved, models, ds, max_line_bytes)
         # every worker loads the models before any shard is read (or anything is written): a
         # corrupt model stops the run here
         load_on_workers(client, cfg, h)
-        out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)
         if resolved is None:
             cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json",
                                     progress=progress)
-            h = run_hash(cfg, models, ds)      # calibration changes thresholds, not model files
+            h = run_hash(cfg, models, ds, max_line_bytes)      # calibration changes thresholds, not model files
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]
         columns = score_columns([c for f in chain for c in f.columns])
@@ -120,7 +164,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         # biggest shards first: the last task to finish is then a small one
         todo.sort(key=lambda s: -(s.size or 0))
         t_submit = time.perf_counter()
-        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns,
+        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns, max_line_bytes,
                                  key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
         bar = Progress(len(shards), "filter", unit="shard", initial=skipped, enabled=progress)
         for fut in as_completed(futures):
@@ -128,6 +172,13 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
             s = futures[fut]
             try:
                 results[s.id] = fut.result()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                client.cancel(list(futures))
+                remove_temporaries(out_dir)
+                raise CurateError(f"the disk holding --out {out_dir} is full ({e}); free some space and run "
+                                  "again: the shards already finished are kept and not redone") from e
             except Exception as e:  # the task failed on every attempt (a filter raised, its workers died)
                 err = f"{type(e).__name__}: {e}"
                 remove_shard_outputs(out_dir, s.id)

@@ -8,15 +8,19 @@ Inputs are files, directories (searched recursively) or globs, local or any fssp
 is read in fixed-size compressed blocks and split into lines, so memory does not grow with the
 file. Every line comes out as a `Record`: a bad line is not skipped but reported as malformed, so
 the writer can keep it (with `reason = malformed:<what>`) and the counts add up. A stream that
-breaks (a truncated `.zst`, a corrupt `.gz`) raises `ShardReadError` after the lines read so far.
+breaks (a truncated `.zst` or `.gz`) raises `ShardReadError` after every complete line before the break.
+A line longer than `max_line_bytes` (64 MiB by default) is read past, not held, and reported as
+malformed `line_too_long`; any JSON the parsers refuse (too deep, a huge integer, a lone surrogate)
+is a malformed line too, never a failed shard.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import posixpath
 import re
+import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +34,11 @@ from pipeline.domains import DatasetManifest
 SUFFIXES = (".jsonl.zst", ".jsonl.gz", ".jsonl")
 BLOCK = 1 << 18          # compressed bytes read at a time
 ZSTD_SLICE = 1 << 11     # compressed bytes decompressed per call (bounds the output of one call)
+GZIP_WBITS = 16 + zlib.MAX_WBITS   # zlib reads the gzip header and trailer itself
+#: the longest line read as a document, far above any real one; a longer line is skipped to its
+#: newline as malformed:line_too_long, so this also bounds the memory a line can take
+MAX_LINE_BYTES = 64 << 20
+OVERLONG_HEAD = 1 << 10  # bytes of an overlong line kept in its rejected row
 UNKNOWN_DOMAIN = "unknown"   # by_domain key for lines whose domain could not be determined
 
 
@@ -62,8 +71,16 @@ def _has_glob(s: str) -> bool:
 
 
 def _is_shard_name(path: str) -> bool:
-    name = posixpath.basename(path)
-    return name.endswith(SUFFIXES) and not name.startswith(".")
+    # dot-named shards are read too (their ids lose the dot, so their outputs are not hidden); our own
+    # temporary files end in .tmp, never in a shard suffix
+    return posixpath.basename(path).endswith(SUFFIXES)
+
+
+def shard_id(rel: str) -> str:
+    """A shard's id from its path relative to the input root: a safe file name that never starts with a
+    dot (a hidden output file is skipped by readers such as `datasets`' ** globs)."""
+    sid = re.sub(r"[^A-Za-z0-9._-]+", "_", _strip_suffix(rel).replace("/", "__"))
+    return sid.lstrip("._-").rstrip("_") or "shard"
 
 
 def _strip_suffix(path: str) -> str:
@@ -93,6 +110,9 @@ def discover_shards(inputs: list[str], dataset: DatasetManifest) -> list[Shard]:
                 raise CurateError(f"input {inp} is not a *.jsonl, *.jsonl.zst or *.jsonl.gz file")
         else:
             raise CurateError(f"input {inp} does not exist")
+        skipped = [p for p in matches if not _is_shard_name(p)]
+        for p in skipped:
+            print(f"warning: skipping {_url(fs, p)}: not a *.jsonl, *.jsonl.zst or *.jsonl.gz file", file=sys.stderr)
         matches = [p for p in matches if _is_shard_name(p)]
         if not matches:
             raise CurateError(f"input {inp} contains no *.jsonl, *.jsonl.zst or *.jsonl.gz files")
@@ -107,7 +127,7 @@ def discover_shards(inputs: list[str], dataset: DatasetManifest) -> list[Shard]:
     ids: dict[str, list[str]] = {}
     for url, p in stripped.items():
         rel = posixpath.relpath(p, root) if root else p.lstrip("/")
-        sid = re.sub(r"[^A-Za-z0-9._-]+", "_", _strip_suffix(rel).replace("/", "__")).strip("_") or "shard"
+        sid = shard_id(rel)
         ids.setdefault(sid, []).append(url)
     shards = []
     for sid, urls in ids.items():
@@ -163,12 +183,31 @@ def _zstd_blocks(f) -> Iterator[bytes]:
 
 
 def _gzip_blocks(f) -> Iterator[bytes]:
-    try:
-        with gzip.GzipFile(fileobj=f) as g:
-            while block := g.read(BLOCK):
-                yield block
-    except (EOFError, gzip.BadGzipFile, OSError) as e:
-        raise ShardReadError(f"corrupt or truncated gzip stream: {e}") from e
+    """Decompressed blocks of a (possibly multi-member) gzip stream; raises if it ends mid-member.
+
+    zlib is fed the compressed blocks directly (rather than through GzipFile, whose read() loses
+    everything it decompressed in the call that meets the break), so a truncated file still yields
+    every byte before the break; each call's output is capped at BLOCK bytes.
+    """
+    dobj, in_member = zlib.decompressobj(wbits=GZIP_WBITS), False
+    while block := f.read(BLOCK):
+        data = block
+        while data:
+            in_member = True
+            try:
+                out = dobj.decompress(data, BLOCK)
+                while out:
+                    yield out
+                    # a full buffer may leave output inside zlib even when all input was taken
+                    out = dobj.decompress(dobj.unconsumed_tail, BLOCK) if len(out) == BLOCK else b""
+            except zlib.error as e:
+                raise ShardReadError(f"corrupt gzip stream: {e}") from e
+            if dobj.eof:        # a member ended: what follows starts the next one
+                data, dobj, in_member = dobj.unused_data, zlib.decompressobj(wbits=GZIP_WBITS), False
+            else:
+                data = dobj.unconsumed_tail
+    if in_member:
+        raise ShardReadError("corrupt or truncated gzip stream: the file ends in the middle of a member")
 
 
 def _plain_blocks(f) -> Iterator[bytes]:
@@ -176,27 +215,53 @@ def _plain_blocks(f) -> Iterator[bytes]:
         yield block
 
 
-def iter_lines(url: str) -> Iterator[bytes]:
-    """The lines of a shard (without the newline), decompressed by suffix, in bounded memory."""
+@dataclass(frozen=True)
+class OverlongLine:
+    """A line longer than the limit: skipped to its newline without being held in memory."""
+    head: bytes         # its first bytes, kept so the rejected row shows what it was
+    nbytes: int         # its full length
+
+
+def iter_lines(url: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | OverlongLine]:
+    """The lines of a shard (without the newline), decompressed by suffix, in bounded memory: a line
+    longer than `max_line_bytes` comes out as an OverlongLine, read past rather than kept."""
     blocks = _zstd_blocks if url.endswith(".zst") else _gzip_blocks if url.endswith(".gz") else _plain_blocks
+    pending = bytearray()
+    skipped: int | None = None      # bytes so far of the overlong line being skipped
+    head = b""
     try:
         with fsspec.open(url, "rb") as f:
-            pending = bytearray()
             for block in blocks(f):
                 start = 0
-                while (nl := block.find(b"\n", start)) >= 0:
-                    if pending:
+                while True:
+                    nl = block.find(b"\n", start)
+                    end = len(block) if nl < 0 else nl
+                    if skipped is None and len(pending) + end - start > max_line_bytes:
+                        head = bytes(pending[:OVERLONG_HEAD]) + block[start:start + OVERLONG_HEAD]
+                        skipped = len(pending)
+                        pending.clear()
+                    if skipped is not None:
+                        skipped += end - start
+                    elif nl < 0:
+                        pending += block[start:]
+                    elif pending:
                         pending += block[start:nl]
                         yield bytes(pending)
                         pending.clear()
                     else:
                         yield block[start:nl]
+                    if nl < 0:
+                        break
+                    if skipped is not None:
+                        yield OverlongLine(head[:OVERLONG_HEAD], skipped)
+                        skipped = None
                     start = nl + 1
-                pending += block[start:]
-            if pending:
-                yield bytes(pending)
     except OSError as e:
         raise ShardReadError(f"I/O error: {e}") from e
+    if skipped is not None:
+        yield OverlongLine(head[:OVERLONG_HEAD], skipped)
+    elif pending:
+        yield bytes(pending)
 
 
 def _lookup(obj: dict, dotted: str) -> object:
@@ -235,9 +300,31 @@ def parse_line(raw: bytes, shard: Shard, line: int, dataset: DatasetManifest) ->
         obj = json.loads(s)
     except json.JSONDecodeError:
         return bad("bad_json", s, shard.dir_domain)
+    except RecursionError:          # nested deeper than Python's recursion limit
+        return bad("too_deep", s, shard.dir_domain)
+    except ValueError:              # an integer beyond sys.get_int_max_str_digits, and the like
+        return bad("bad_number", s, shard.dir_domain)
     if not isinstance(obj, dict):
         return bad("not_object", s, shard.dir_domain)
-    return _document(obj, raw, rid, shard, line, dataset)
+    rec = _document(obj, raw, rid, shard, line, dataset)
+    # json (unlike orjson) accepts an escaped lone surrogate, which is not text any writer can encode
+    if rec.malformed is None and not _encodable(rec.text):
+        return bad("lone_surrogate", s, rec.domain)
+    return rec
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _overlong(item: OverlongLine, shard: Shard, line: int) -> Record:
+    head = item.head.decode("utf-8", "backslashreplace")
+    return Record(f"{shard.id}:{line}", f"{head}... [{item.nbytes} bytes in all]", shard.dir_domain, shard.url,
+                  line, malformed="line_too_long", nbytes=item.nbytes)
 
 
 def _document(obj: dict, raw: bytes, rid: str, shard: Shard, line: int, dataset: DatasetManifest) -> Record:
@@ -268,7 +355,7 @@ def _document(obj: dict, raw: bytes, rid: str, shard: Shard, line: int, dataset:
     return Record(rid, text, domain, shard.url, line, nbytes=len(raw))
 
 
-def read_shard(shard: Shard, dataset: DatasetManifest) -> Iterator[Record]:
+def read_shard(shard: Shard, dataset: DatasetManifest, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Record]:
     """Every line of a shard as a Record, in order; ShardReadError if the stream breaks."""
-    for line, raw in enumerate(iter_lines(shard.url), start=1):
-        yield parse_line(raw, shard, line, dataset)
+    for line, raw in enumerate(iter_lines(shard.url, max_line_bytes), start=1):
+        yield _overlong(raw, shard, line) if isinstance(raw, OverlongLine) else parse_line(raw, shard, line, dataset)

@@ -21,7 +21,7 @@ from filters.config import FilterConfig, build_filters
 from common.errors import CurateError
 from pipeline.domains import DatasetManifest
 from pipeline.manifest import MALFORMED, Tally, shard_manifest_path, write_json
-from pipeline.readers import Record, Shard, ShardReadError, read_shard
+from pipeline.readers import MAX_LINE_BYTES, Record, Shard, ShardReadError, read_shard
 from pipeline.writers import ShardOutput
 
 BATCH_BYTES = 32 << 20     # also cut a batch at this much text, so a batch of books stays bounded
@@ -38,13 +38,16 @@ def load_chain(cfg: FilterConfig) -> list[DocumentFilter]:
 OUTPUT_VERSION = 1
 
 
-def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest) -> str:
+def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest,
+             max_line_bytes: int = MAX_LINE_BYTES) -> str:
     """What decides a shard's output: filter settings, model contents (sha256), how lines are parsed.
     It also keys each worker's loaded chain: a long-lived worker of a remote cluster must not keep
     scoring with a model that was replaced."""
     key = {"version": OUTPUT_VERSION, "filters": cfg.to_dict(), "models": models,
            "dataset": {"text_field": dataset.text_field, "domain_field": dataset.domain_field,
                        "domain_from": dataset.domain_from, "set_names": dataset.set_names}}
+    if max_line_bytes != MAX_LINE_BYTES:      # only then, so outputs made with the default keep their hash
+        key["max_line_bytes"] = max_line_bytes
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,7 +119,7 @@ def score_batch(chain: Sequence[DocumentFilter], texts: list[str], domains: list
 
 
 def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out_dir: str,
-                  run_key: str, columns: Sequence[str]) -> dict:
+                  run_key: str, columns: Sequence[str], max_line_bytes: int = MAX_LINE_BYTES) -> dict:
     """Filter one shard; returns its manifest (also written, last, to shards/<id>.json).
 
     A stream that breaks part-way still gets what was read scored and written, and the shard is
@@ -151,7 +154,7 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
 
     try:
         try:
-            for rec in read_shard(shard, dataset):
+            for rec in read_shard(shard, dataset, max_line_bytes):
                 lines, nbytes = rec.line, nbytes + rec.nbytes + 1
                 if rec.malformed:
                     malformed.append(rec)

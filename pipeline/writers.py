@@ -7,11 +7,16 @@
 Kept documents go to `kept/<domain>/<shard-id>.parquet` (one file per domain the shard has),
 rejected ones to `rejected/<shard-id>.parquet` with a `reason`. Each file is written under a
 temporary name in its final directory and renamed with os.replace, so a reader (or a resumed run)
-never sees a half-written file. Temporary names end in `.tmp` and start with a dot.
+never sees a half-written file. Temporary names are common.files.temporary_path's
+(`.<name>.curate-<hex>.tmp`); the start-up clean-up removes those and nothing else. Every output path
+is checked to lie under the output directory before anything is written.
 """
 from __future__ import annotations
 
+import json
 import os
+import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.errors import CurateError
 from common.files import TMP_SUFFIX, is_temporary, temporary_path
 
 #: score columns every output has, whether or not the chain fills them (null when not scored)
@@ -44,8 +50,16 @@ def output_schema(scores: Sequence[str], rejected: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+def inside(root: Path, path: Path) -> Path:
+    """`path`, refused unless it lies under `root` (a name from a config or an input must not escape)."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CurateError(f"refusing to write {path}: it lies outside the output directory {root}")
+    return path
+
+
 def remove_temporaries(root: Path) -> int:
-    """Delete temporary files left by an interrupted run; returns how many."""
+    """Delete the temporary files (ours only, see common.files.is_temporary) left by an interrupted run;
+    returns how many."""
     n = 0
     if root.is_dir():
         for p in root.rglob(f".*{TMP_SUFFIX}"):
@@ -115,10 +129,10 @@ class ShardOutput:
         self._buffered = 0
 
     def kept_path(self, domain: str) -> Path:
-        return self.out_dir / "kept" / domain / f"{self.shard_id}.parquet"
+        return inside(self.out_dir, self.out_dir / "kept" / domain / f"{self.shard_id}.parquet")
 
     def rejected_path(self) -> Path:
-        return self.out_dir / "rejected" / f"{self.shard_id}.parquet"
+        return inside(self.out_dir, self.out_dir / "rejected" / f"{self.shard_id}.parquet")
 
     def add_batch(self, records: Sequence, scores: Mapping[str, np.ndarray], reasons: Sequence[str | None]) -> None:
         """Records (readers.Record) with their score columns (float64 per record, NaN = not
@@ -190,3 +204,83 @@ def remove_shard_outputs(out_dir: Path, shard_id: str, keep: set[Path] = frozens
             p.unlink()
             removed.append(p)
     return removed
+
+
+LOCK_NAME = ".curate.lock"
+
+
+class OutputLock:
+    """`--out/.curate.lock`: one run at a time writes into an output directory.
+
+    The file names the holder (host, pid). A second run refuses while the holder lives; a lock left by
+    a killed run on this host (its pid is gone) is taken over. A lock from another host cannot be
+    checked from here, so it is refused with a message saying how to clear it.
+    """
+
+    def __init__(self, out_dir: Path, command: str) -> None:
+        self.path = Path(out_dir) / LOCK_NAME
+        self.command = command
+        self.held = False
+
+    def acquire(self) -> "OutputLock":
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command}
+        for _ in range(2):          # a second try only after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    raise CurateError(
+                        f"{self.path.parent} is in use by another run ({holder.get('command', 'curate')}, pid "
+                        f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish or use another "
+                        f"--out. If that run is gone, delete {self.path}") from None
+                print(f"warning: taking over the lock of a run that is no longer running ({self.path})",
+                      file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:        # read-only, not ours, a full disk
+                raise CurateError(f"--out {self.path.parent} is not writable: {e.strerror}") from e
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                raise CurateError(f"--out {self.path.parent} is not writable: {e.strerror}") from e
+            self.held = True
+            return self
+        raise CurateError(f"another run took the lock {self.path} at the same moment; try again")
+
+    def _holder(self) -> dict | None:
+        """The lock's holder, or None when the file is empty or damaged (its writer died mid-write)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}       # released meanwhile: the retry takes it
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if not holder:
+            return True
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:         # alive, another user's
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

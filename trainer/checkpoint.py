@@ -2,7 +2,8 @@
 
     config.json, model.safetensors   the model, written by `save_model` (so `curate export` reads it)
     trainer.pt                       optimizer (full, keyed by parameter name), scheduler, counters
-    rank_<r>.pt                      each rank's data-stream state and RNG states
+    rank_<r>.pt                      each rank's data-stream state and RNG states (plain data and tensors:
+                                     numpy arrays are stored as their bytes, so no file is ever unpickled)
     complete.json                    written last: step, tokens, config + hash, size and sha256 per file
 
 A checkpoint is built in `.tmp-step_<N>/` and renamed into place only once complete, so a killed
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from common.errors import CurateError
@@ -76,7 +79,7 @@ def write_checkpoint(run_dir: str | Path, step: int, tokens: int, *, config: dic
         write_model(tmp)                # creates the directory (save_state_dict writes a whole one)
         torch.save(trainer_state, tmp / "trainer.pt")
     barrier()
-    torch.save(rank_state, tmp / f"rank_{rank}.pt")
+    torch.save(_encode_arrays(rank_state), tmp / f"rank_{rank}.pt")
     barrier()
     if rank == 0:
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -145,13 +148,59 @@ def find_resume_checkpoint(run_dir: str | Path, config: dict, config_hash: str,
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    # weights_only: the state holds only tensors and plain containers (no pickled code)
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    return _load_data(path / "trainer.pt", "trainer state", ("optimizer",))
 
 
 def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
-    # RNG states are ByteTensors and numpy's state a tuple; the stream state is plain data
-    return torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+    """The rank's stream and RNG state, with the numpy arrays `write_checkpoint` stored as bytes restored."""
+    return _decode_arrays(_load_data(path / f"rank_{rank}.pt", f"rank {rank} state", ("stream", "rng")))
+
+
+def _load_data(file: Path, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint file holding only tensors and plain containers. weights_only refuses anything else
+    (a pickle naming a class or function), so a replaced file is an error, never code that runs."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise CurateError(f"{file} is not a {what} written by curate train (it holds something other than "
+                          f"tensors and plain data, or is damaged); refusing to load it: {e}") from e
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise CurateError(f"{file} is not a {what} written by curate train: expected a mapping with "
+                          f"{', '.join(keys)}, found {type(state).__name__}")
+    return state
+
+
+# A numpy array (numpy's RNG key) is stored as this tagged mapping of plain values and a uint8 tensor,
+# which torch.load(weights_only=True) reads without unpickling any numpy class.
+_ARRAY_TAG = "__numpy_array__"
+
+
+def _encode_arrays(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        raw = np.ascontiguousarray(obj)
+        return {_ARRAY_TAG: True, "dtype": raw.dtype.str, "shape": list(raw.shape),
+                "data": torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.uint8)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _encode_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_encode_arrays(v) for v in obj)
+    return obj
+
+
+def _decode_arrays(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if obj.get(_ARRAY_TAG) is True:
+            try:
+                data = obj["data"].numpy().tobytes()
+                return np.frombuffer(data, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+            except (KeyError, AttributeError, TypeError, ValueError) as e:
+                raise CurateError(f"a stored array in the rank state is malformed: {e}") from e
+        return {k: _decode_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_decode_arrays(v) for v in obj)
+    return obj
 
 
 def _rotate(root: Path, keep: int) -> None:
