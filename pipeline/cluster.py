@@ -1,7 +1,8 @@
 """Dask distributed client: a LocalCluster by default, an existing scheduler when given.
 
 A local cluster opens nothing to the network: scheduler, workers, nannies and dashboard listen on
-127.0.0.1. A remote scheduler is reached over TCP, or over TLS (`tls://host:port`) with Dask's own
+127.0.0.1, and its processes talk TLS with a certificate made for the run, so no other local process
+can attach as a client. A remote scheduler is reached over TCP, or over TLS (`tls://host:port`) with Dask's own
 security: certificates from Dask's config (`distributed.comm.tls.*`) or from --tls-ca-file,
 --tls-cert and --tls-key.
 """
@@ -104,6 +105,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, quiet:
     """
     import dask
     import distributed
+    from distributed.security import Security
 
     if scheduler:
         address = check_scheduler_address(scheduler)
@@ -123,10 +125,14 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, quiet:
         with dask.config.set(_local_cluster_config()):
             # scheduler, workers and nannies listen on loopback only, as does the dashboard (one worker
             # is a thread talking to the scheduler in-process: no port at all)
-            where = {"host": LOOPBACK} if n > 1 else {}
+            # TLS with a throw-away certificate of this run: a process of another local user that
+            # finds the port cannot join as a client (a client can run code on the workers)
+            where = {"host": LOOPBACK, "security": Security.temporary()} if n > 1 else {}
             cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=n > 1, **where,
-                                               dashboard_address=f"{LOOPBACK}:0" if dashboard else None,
-                                               worker_dashboard_address=None, silence_logs=logging.ERROR)
+                                               # Dask's HTTP servers (health, metrics) run even without
+                                               # the dashboard, on 0.0.0.0 unless told otherwise
+                                               dashboard_address=f"{LOOPBACK}:0", scheduler_kwargs={"dashboard": dashboard},
+                                               worker_dashboard_address=f"{LOOPBACK}:0", silence_logs=logging.ERROR)
         try:
             client = distributed.Client(cluster)
         except BaseException:
@@ -135,7 +141,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, quiet:
     try:
         if not quiet:
             nw = len(client.scheduler_info().get("workers", {}))
-            link = client.dashboard_link or "(no dashboard)"
+            link = client.dashboard_link if dashboard or scheduler else "off (--no-dashboard)"
             print(f"dask: {nw} worker(s), dashboard {link}", file=sys.stderr)
         yield client
     finally:

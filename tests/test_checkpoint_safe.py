@@ -82,3 +82,30 @@ def test_file_of_the_wrong_shape_is_refused(tmp_path):
     (path / "trainer.pt").write_bytes(b"not a torch file at all")
     with pytest.raises(CurateError, match="trainer state"):
         ckpt.load_trainer_state(path)
+
+
+def test_full_disk_while_checkpointing_is_a_clear_error(tmp_path):
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        def write_model(d):
+            d.mkdir()
+            torch.save({"w": torch.zeros(64 << 10)}, d / "model.pt")       # 256 KiB: fits
+        def write(trainer_state):
+            ckpt.write_checkpoint(mnt / "run", 5, 100, config={}, config_hash="h", write_model=write_model,
+                                  trainer_state=trainer_state, rank_state={"stream": {}, "rng": {}}, rank=0,
+                                  world_size=1, barrier=lambda: None, keep=2)
+
+        with pytest.raises(CurateError, match="is full: checkpoint step_5"):
+            write({"big": torch.zeros(256 << 10)})          # a 1 MiB trainer.pt does not fit
+        (mnt / "filler").write_bytes(b"\0" * (400 << 10))  # a disk filled by someone else: the model no longer fits
+        with pytest.raises(CurateError, match="is full: checkpoint step_5"):
+            write({"small": 1})
+        assert not list((mnt / "run" / "checkpoints").iterdir())        # the partial checkpoint is gone
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

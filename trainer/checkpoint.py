@@ -13,6 +13,8 @@ with a warning, when the newest is damaged.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import pickle
@@ -20,7 +22,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from trainer.config import config_differences
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+DISK_FULL_BYTES = 1 << 20    # a write that failed with less free space than this failed for lack of space
 
 
 class CorruptCheckpoint(Exception):
@@ -76,22 +79,50 @@ def write_checkpoint(run_dir: str | Path, step: int, tokens: int, *, config: dic
         if tmp.exists():
             shutil.rmtree(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        write_model(tmp)                # creates the directory (save_state_dict writes a whole one)
-        torch.save(trainer_state, tmp / "trainer.pt")
+        with _disk_full_is_an_error(tmp, step):
+            write_model(tmp)                # creates the directory (save_state_dict writes a whole one)
+            torch.save(trainer_state, tmp / "trainer.pt")
     barrier()
-    torch.save(_encode_arrays(rank_state), tmp / f"rank_{rank}.pt")
+    with _disk_full_is_an_error(tmp, step):
+        torch.save(_encode_arrays(rank_state), tmp / f"rank_{rank}.pt")
     barrier()
     if rank == 0:
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         marker = {"step": step, "tokens": tokens, "world_size": world_size, "config_hash": config_hash,
                   "config": config, "files": files}
-        (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
+        with _disk_full_is_an_error(tmp, step):
+            (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
         if final.exists():          # the same step written again after a resume from an older one
             shutil.rmtree(final)
         tmp.rename(final)
         _rotate(root, keep)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(tmp: Path, step: int) -> Iterator[None]:
+    """A full disk while writing becomes a CurateError (after removing the partial checkpoint). torch and
+    safetensors report it without an errno (a RuntimeError about a short write), so the disk's free space
+    decides; any other failure propagates as it is."""
+    try:
+        yield
+    except Exception as e:
+        if not _disk_full(e, tmp.parent):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CurateError(f"the disk holding {tmp.parent} is full: checkpoint step_{step} could not be written "
+                          f"({type(e).__name__}: {str(e)[:200]}). Free some space and continue with --resume "
+                          "from the last complete checkpoint") from e
+
+
+def _disk_full(e: Exception, where: Path) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(where).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def verify_checkpoint(path: Path) -> dict:
