@@ -86,12 +86,14 @@ class Progress:
         return (time.monotonic() - self._start) / done * (self.total - self.n)
 
     # ---------------------------------------------------------------------------------- messages
-    def note(self, text: str) -> None:
-        """A message line (above the bar on a terminal), printed whether or not progress is shown."""
+    def note(self, text: str, file: TextIO | None = None) -> None:
+        """A message line (above the bar on a terminal), printed whether or not progress is shown;
+        to the display's stream unless `file` says otherwise (e.g. sys.stdout for a run's log)."""
+        file = file if file is not None else self.stream
         if self._bar is not None:
-            self._bar.write(text, file=self.stream)
+            self._bar.write(text, file=file)
         else:
-            print(text, file=self.stream, flush=True)
+            print(text, file=file, flush=True)
 
     def warn_once(self, key: str, text: str) -> None:
         """A warning printed the first time its `key` is seen by this display."""

@@ -76,7 +76,7 @@ def test_printed_smollm2_preset_trains_on_cpu_with_set(tokens, tmp_path):
     assert saved.train.max_steps == 2 and saved.data.tokens == str(tokens)
     assert saved.model.convert.experts == 8 and saved.sampler["preset"] == "sheared"
     assert "step 2: loss" in out
-    assert "evaluating the starting model" in err and "evaluating the final model" in err
+    assert "evaluating the starting model" in out and "evaluating the final model" in out
     assert "train: 2/2 step (100%)" in err                 # the plain progress line in a log
 
 

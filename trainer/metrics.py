@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from common.files import write_atomic
@@ -67,7 +68,7 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.note(text)            # above the bar when there is one
+            self.bar.note(text, file=sys.stdout)     # above the bar when there is one
 
     def close(self) -> None:
         if self.tb is not None:
