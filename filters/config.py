@@ -11,6 +11,11 @@
       drop_fraction: 0.5     # optional, instead of thresholds: a number, or {domain: fraction}
     disfluency:              # KenLM perplexity and/or a fastText fluency classifier
       kenlm: lm.bin          # `curate train-lm`; perplexity written to the `perplexity` column
+      sentencepiece: sp.model  # optional: the SentencePiece model the KenLM model was trained on
+                             # (cc_net's / edugp's `<lang>.arpa.bin` + `<lang>.sp.model`, or
+                             # `curate train-lm --sentencepiece`); perplexity is then cc_net's exactly
+      perplexity_mode: document  # with sentencepiece: `document` (cc_net/mine.py) or `lines` (edugp,
+                             # datatrove's KenlmModel: each line normalised and scored on its own)
       max_perplexity: 1500   # remove when perplexity > this; or {domain: number, default: number}
                              # (in a mapping, domains not named and no `default`: no limit)
       fluency_model: fluency.bin   # optional (`curate train-classifier --task fluency`);
@@ -48,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from filters.base import DocumentFilter, LengthFilter
+from filters.ccnet import MODES
 from filters.calibrate import domain_thresholds, per_domain, removes
 from common.errors import CurateError
 from common.files import read_yaml
@@ -76,6 +82,8 @@ class AdsConfig:
 @dataclass
 class DisfluencyConfig:
     kenlm: str | None = None
+    sentencepiece: str | None = None
+    perplexity_mode: str = "document"
     max_perplexity: PerDomain | None = None
     fluency_model: str | None = None
     fluency_threshold: PerDomain = 0.5
@@ -211,6 +219,15 @@ def _parse_disfluency(sec: dict, where: str) -> DisfluencyConfig:
     if kenlm is None and fluency is None:
         raise CurateError(f"{where}: disfluency needs `kenlm` (a KenLM model from `curate train-lm`) "
                           f"and/or `fluency_model` (from `curate train-classifier --task fluency`)")
+    sp = None if sec.get("sentencepiece") is None else _path(sec["sentencepiece"], "disfluency.sentencepiece", where)
+    if sp is not None and kenlm is None:
+        raise CurateError(f"{where}: disfluency.sentencepiece needs disfluency.kenlm (the KenLM model trained on its pieces)")
+    mode = sec.get("perplexity_mode", "document")
+    if mode not in MODES:
+        raise CurateError(f"{where}: disfluency.perplexity_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "document" and sp is None:
+        raise CurateError(f"{where}: disfluency.perplexity_mode applies to a KenLM + SentencePiece pair; "
+                          f"add disfluency.sentencepiece")
     max_ppl = None if sec.get("max_perplexity") is None else \
         _per_domain(sec["max_perplexity"], "disfluency.max_perplexity", where, lo_open=True)
     drop = None if sec.get("drop_fraction") is None else \
@@ -223,7 +240,7 @@ def _parse_disfluency(sec: dict, where: str) -> DisfluencyConfig:
     if combine not in COMBINE:
         raise CurateError(f"{where}: disfluency.combine must be one of {', '.join(COMBINE)}, got {combine!r}")
     return DisfluencyConfig(
-        kenlm=kenlm, max_perplexity=max_ppl, fluency_model=fluency,
+        kenlm=kenlm, sentencepiece=sp, perplexity_mode=mode, max_perplexity=max_ppl, fluency_model=fluency,
         fluency_threshold=_per_domain(sec.get("fluency_threshold", 0.5), "disfluency.fluency_threshold", where),
         combine=combine, domains=_domains(sec.get("domains"), "disfluency.domains", where),
         drop_fraction=drop, calibrated=sec.get("calibrated"))
@@ -291,7 +308,9 @@ def build_filters(cfg: FilterConfig) -> list[DocumentFilter]:
             kenlm=None if d.kenlm is None else cfg.model_path(d.kenlm), max_perplexity=d.max_perplexity,
             fluency_model=None if d.fluency_model is None else cfg.model_path(d.fluency_model),
             fluency_threshold=d.fluency_threshold, combine=d.combine, domains=d.domains,
-            calibrated=d.drop_fraction is None))
+            calibrated=d.drop_fraction is None,
+            sentencepiece=None if d.sentencepiece is None else cfg.model_path(d.sentencepiece),
+            perplexity_mode=d.perplexity_mode))
     return chain
 
 

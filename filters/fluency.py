@@ -20,6 +20,7 @@ import numpy as np
 
 from common.files import file_sha256
 from filters.base import DocumentFilter, FilterResult
+from filters.ccnet import PieceScorer
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
 from filters.fasttext_model import label_probability, load_classifier
@@ -37,6 +38,21 @@ def load_kenlm(path: str | Path, what: str = "KenLM model"):
         return kenlm.Model(str(p))
     except (OSError, ValueError, RuntimeError, MemoryError) as e:   # KenLM reports bad files as OSError
         raise CurateError(f"{what} file {p} is not a readable KenLM model (ARPA or binary): {e}") from e
+
+
+def load_sentencepiece(path: str | Path):
+    import sentencepiece
+
+    p = Path(path)
+    if not p.is_file():
+        raise CurateError(f"SentencePiece model file {p} does not exist (check disfluency.sentencepiece in the "
+                          f"filter config, or train a pair with `curate train-lm --sentencepiece VOCAB`)")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.load(str(p))
+    except (OSError, RuntimeError) as e:
+        raise CurateError(f"SentencePiece model file {p} is not readable: {e}") from e
+    return sp
 
 
 def perplexities(model, texts: Sequence[str]) -> np.ndarray:
@@ -60,10 +76,13 @@ class DisfluencyFilter(DocumentFilter):
 
     def __init__(self, kenlm: str | Path | None = None, max_perplexity: float | Mapping[str, float] | None = None,
                  fluency_model: str | Path | None = None, fluency_threshold: float | Mapping[str, float] = 0.5,
-                 combine: str = "either", domains: Sequence[str] | None = None, calibrated: bool = True) -> None:
+                 combine: str = "either", domains: Sequence[str] | None = None, calibrated: bool = True,
+                 sentencepiece: str | Path | None = None, perplexity_mode: str = "document") -> None:
         if kenlm is None and fluency_model is None:
             raise ValueError("DisfluencyFilter needs a KenLM model, a fluency classifier, or both")
         self.kenlm_path = None if kenlm is None else Path(kenlm)
+        self.sp_path = None if sentencepiece is None else Path(sentencepiece)
+        self.perplexity_mode = perplexity_mode
         self.fluency_path = None if fluency_model is None else Path(fluency_model)
         self.max_perplexity = max_perplexity
         self.fluency_threshold = fluency_threshold
@@ -73,14 +92,17 @@ class DisfluencyFilter(DocumentFilter):
         self.columns = (("perplexity",) if kenlm is not None else ()) + \
                        (("disfluency_score",) if fluency_model is not None else ())
         self._lm = None
+        self._sp = None
         self._clf = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_lm": None, "_clf": None}
+        return {**self.__dict__, "_lm": None, "_sp": None, "_clf": None}
 
     def load(self) -> None:
         if self.kenlm_path is not None and self._lm is None:
             self._lm = load_kenlm(self.kenlm_path)
+        if self.sp_path is not None and self._sp is None:
+            self._sp = load_sentencepiece(self.sp_path)
         if self.fluency_path is not None and self._clf is None:
             self._clf = load_classifier(self.fluency_path, "fluency")
 
@@ -92,7 +114,8 @@ class DisfluencyFilter(DocumentFilter):
         if not chosen:
             return out
         if self._lm is not None:
-            out["perplexity"][idx] = perplexities(self._lm, chosen)
+            out["perplexity"][idx] = (perplexities(self._lm, chosen) if self._sp is None else
+                                      PieceScorer(self._lm, self._sp, self.perplexity_mode).perplexities(chosen))
         if self._clf is not None:
             out["disfluency_score"][idx] = label_probability(self._clf, normalize_texts(chosen), "disfluent")
         return out
@@ -119,11 +142,22 @@ class DisfluencyFilter(DocumentFilter):
         scores = self.score(texts, domains)
         return FilterResult(keep=self.decide(scores, domains), scores=scores)
 
+    def tokenisation(self) -> str:
+        """What the KenLM model is fed, in words (the manifest and the log say it)."""
+        if self.sp_path is None:
+            return "filters.normalize lines, whitespace words (curate train-lm without --sentencepiece)"
+        if self.perplexity_mode == "lines":
+            return "cc_net normaliser per line, SentencePiece pieces per line (edugp / datatrove KenlmModel)"
+        return "cc_net normaliser over the document, SentencePiece pieces (cc_net/mine.py)"
+
     def describe(self) -> dict:
         d: dict = {"reason": self.reason, "domains": self.domains}
         if self.kenlm_path is not None:
             d.update(kenlm=str(self.kenlm_path), kenlm_sha256=file_sha256(self.kenlm_path, "KenLM model"),
-                     max_perplexity=self.max_perplexity)
+                     max_perplexity=self.max_perplexity, tokenisation=self.tokenisation())
+            if self.sp_path is not None:
+                d.update(sentencepiece=str(self.sp_path), perplexity_mode=self.perplexity_mode,
+                         sentencepiece_sha256=file_sha256(self.sp_path, "SentencePiece model"))
         if self.fluency_path is not None:
             d.update(fluency_model=str(self.fluency_path),
                      fluency_model_sha256=file_sha256(self.fluency_path, "fluency model"),
