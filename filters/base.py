@@ -3,7 +3,8 @@
 A filter sees a *batch* of texts (and their domains), never one document at a time, so that
 model calls (fastText `predict` on a list, KenLM over many lines) amortise their overhead.
 It returns the scores it computed (one float column per score, NaN where it did not score a
-document) and a keep mask. `pipeline/` knows nothing about any concrete filter: it calls
+document), a keep mask and, when it can remove documents for more than one reason, the reason of
+each removed one. `pipeline/` knows nothing about any concrete filter: it calls
 `load()` once per worker, then `filter()` on each batch of documents that are still kept,
 and writes `reason` for the ones a filter rejects.
 """
@@ -21,9 +22,13 @@ import numpy as np
 class FilterResult:
     keep: np.ndarray                 # bool, one per input text
     scores: dict[str, np.ndarray]    # column -> float64 per input text (NaN = not scored)
+    reasons: np.ndarray | None = None   # object, per input text: the removal reason (None = kept);
+                                        # absent: every removed document gets the filter's `reason`
 
     def __post_init__(self) -> None:
         n = len(self.keep)
+        if self.reasons is not None and len(self.reasons) != n:
+            raise ValueError(f"{len(self.reasons)} reasons for {n} documents")
         for name, col in self.scores.items():
             if len(col) != n:
                 raise ValueError(f"score column {name} has {len(col)} values for {n} documents")
@@ -36,6 +41,12 @@ class DocumentFilter(ABC):
     reason: str = ""
     #: float score columns this filter fills in the output Parquet
     columns: tuple[str, ...] = ()
+    #: every reason it may write (a model filter may have several, e.g. disfluency:perplexity and
+    #: disfluency:fluency); empty means just `reason`
+    reasons: tuple[str, ...] = ()
+
+    def all_reasons(self) -> tuple[str, ...]:
+        return self.reasons or (self.reason,)
 
     def load(self) -> None:
         """Load models. Called once per worker process before the first batch; also called at
@@ -68,3 +79,34 @@ class LengthFilter(DocumentFilter):
 
     def describe(self) -> dict:
         return {"reason": self.reason, "min_chars": self.min_chars, "min_words": self.min_words}
+
+
+class ModelFilter(DocumentFilter):
+    """A filter whose models score documents and whose thresholds decide, in two steps:
+
+        scores = f.score(texts, domains)          # {column: float64 per text}, NaN = not scored
+        reasons = f.decide(scores, domains)       # object array: a reason per removed text, None = kept
+
+    Calibration (`curate filter`'s drop_fraction) needs the scores without the decision, and the
+    decision on scores computed elsewhere; `filter` is the two together."""
+
+    @abstractmethod
+    def score(self, texts: Sequence[str], domains: Sequence[str]) -> dict[str, np.ndarray]:
+        """The filter's score columns for a batch."""
+
+    @abstractmethod
+    def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:
+        """Per document, the reason it is removed, or None when it is kept."""
+
+    def filter(self, texts: Sequence[str], domains: Sequence[str]) -> FilterResult:
+        scores = self.score(texts, domains)
+        reasons = np.asarray(self.decide(scores, domains), dtype=object)
+        keep = np.fromiter((r is None for r in reasons), dtype=bool, count=len(reasons))
+        return FilterResult(keep=keep, scores=scores, reasons=reasons)
+
+
+def reasons_where(remove: np.ndarray, reason: str) -> np.ndarray:
+    """`decide`'s answer for a filter with one reason: `reason` where `remove`, else None."""
+    out = np.full(len(remove), None, dtype=object)
+    out[np.asarray(remove, bool)] = reason
+    return out

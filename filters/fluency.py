@@ -9,7 +9,10 @@ line normalised by `normalize_lines` and scored by KenLM with sentence begin and
 +1 counts the end marker). Rules: remove when perplexity > max_perplexity; with a fluency model,
 its rule says remove when p(disfluent) >= fluency_threshold, and `combine` decides whether either
 rule or both are needed. A domain without a limit in a per-domain mapping is scored, never removed
-by that rule.
+by that rule. Each rule has its own reason (`disfluency:perplexity`, `disfluency:fluency`).
+
+With a SentencePiece model (`sentencepiece=`), the KenLM model is fed pieces and the perplexity is
+cc_net's (`filters.ccnet`): a public `<lang>.arpa.bin` + `<lang>.sp.model` pair scores as in cc_net.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import file_sha256
-from filters.base import DocumentFilter, FilterResult
+from filters.base import ModelFilter
 from filters.ccnet import PieceScorer
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
@@ -71,7 +74,14 @@ def perplexities(model, texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-class DisfluencyFilter(DocumentFilter):
+PERPLEXITY, FLUENCY, BOTH = "disfluency:perplexity", "disfluency:fluency", "disfluency:both"
+
+
+class DisfluencyFilter(ModelFilter):
+    """Reasons: `disfluency:fluency` where the fluency classifier removes, else `disfluency:perplexity`
+    where the KenLM cut does (`combine: either`, the classifier's verdict taking precedence);
+    `disfluency:both` for `combine: both`, where only the two together remove."""
+
     reason = "disfluency"
 
     def __init__(self, kenlm: str | Path | None = None, max_perplexity: float | Mapping[str, float] | None = None,
@@ -89,6 +99,9 @@ class DisfluencyFilter(DocumentFilter):
         self.combine = combine
         self.domains = None if domains is None else list(domains)
         self.calibrated = calibrated
+        self.reasons = ((BOTH,) if combine == "both" and kenlm is not None and fluency_model is not None else
+                        (((FLUENCY,) if fluency_model is not None else ()) +
+                         ((PERPLEXITY,) if kenlm is not None else ())))
         self.columns = (("perplexity",) if kenlm is not None else ()) + \
                        (("disfluency_score",) if fluency_model is not None else ())
         self._lm = None
@@ -124,23 +137,18 @@ class DisfluencyFilter(DocumentFilter):
         if not self.calibrated:
             raise CurateError("disfluency.drop_fraction is set but its threshold was not calibrated "
                               "(`curate filter` calibrates it on a sample of the input first)")
-        rules = []
-        if self.kenlm_path is not None:
-            rules.append(removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False))
-        if self.fluency_path is not None:
-            rules.append(removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold),
-                                 inclusive=True))
-        if len(rules) == 1:
-            remove = rules[0]
-        elif self.combine == "both":
-            remove = rules[0] & rules[1]
+        n = len(domains)
+        by_ppl = np.zeros(n, bool) if self.kenlm_path is None else \
+            removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False)
+        by_fluency = np.zeros(n, bool) if self.fluency_path is None else \
+            removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold), inclusive=True)
+        out = np.full(n, None, dtype=object)
+        if self.reasons == (BOTH,):
+            out[by_ppl & by_fluency] = BOTH
         else:
-            remove = rules[0] | rules[1]
-        return ~remove
-
-    def filter(self, texts: Sequence[str], domains: Sequence[str]) -> FilterResult:
-        scores = self.score(texts, domains)
-        return FilterResult(keep=self.decide(scores, domains), scores=scores)
+            out[by_ppl] = PERPLEXITY
+            out[by_fluency] = FLUENCY
+        return out
 
     def tokenisation(self) -> str:
         """What the KenLM model is fed, in words (the manifest and the log say it)."""
@@ -151,7 +159,7 @@ class DisfluencyFilter(DocumentFilter):
         return "cc_net normaliser over the document, SentencePiece pieces (cc_net/mine.py)"
 
     def describe(self) -> dict:
-        d: dict = {"reason": self.reason, "domains": self.domains}
+        d: dict = {"reason": self.reason, "reasons": list(self.reasons), "domains": self.domains}
         if self.kenlm_path is not None:
             d.update(kenlm=str(self.kenlm_path), kenlm_sha256=file_sha256(self.kenlm_path, "KenLM model"),
                      max_perplexity=self.max_perplexity, tokenisation=self.tokenisation())

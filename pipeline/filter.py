@@ -173,4 +173,6 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         "docs_per_s": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
     }
     write_json(out_dir / "manifest.json", manifest)
+    for warning in calibrate.overshoot(cfg, totals):
+        print(warning, file=sys.stderr)
     return manifest

@@ -106,10 +106,12 @@ def test_calibrate_config_runs_the_chain_in_order():
         m = doms == d
         assert abs(ad_removed[m].sum() - f * m.sum()) <= 1
     alive = ~ad_removed
-    dis_removed = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False) | (dis >= 0.95)
+    by_fluency = dis >= 0.95
+    by_ppl = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False)
     for d in ("C4", "CommonCrawl", "Books"):
-        m = alive & (doms == d)      # the fraction is of the documents the ads filter kept
-        assert abs(dis_removed[m].sum() - 0.15 * m.sum()) <= 1
+        # the KenLM cut's fraction is of the documents the ads filter and the fluency rule keep
+        m = alive & ~by_fluency & (doms == d)
+        assert abs(by_ppl[m].sum() - 0.15 * m.sum()) <= 1
     assert "default" in out.disfluency.max_perplexity
     assert out.disfluency.calibrated["drop_fraction"] == 0.15
     assert out.config_hash() != cfg.config_hash()
@@ -119,3 +121,32 @@ def test_calibration_refuses_a_domain_missing_from_the_sample():
     cfg = parse_filter_config({"ads": {"model": "ads.bin", "drop_fraction": {"ArXiv": 0.5}}})
     with pytest.raises(CurateError, match="ArXiv"):
         calibrate_config(cfg, ["C4", "C4"], {"ad_score": np.array([0.1, 0.9])})
+
+
+def test_each_model_gets_its_own_drop_fraction_and_keep_if_high_removes_the_lowest():
+    rng = np.random.default_rng(3)
+    n = 3000
+    doms = rng.choice(["C4", "Books"], n)
+    hq, ppl, dis = rng.random(n), rng.gamma(2.0, 80.0, n), rng.random(n)
+    cfg = parse_filter_config({
+        "classifiers": [{"name": "dclm", "model": "q.bin", "label": "hq", "keep_if": "high",
+                         "drop_fraction": {"C4": 0.3, "Books": 0.1}}],
+        "disfluency": {"kenlm": "lm.bin", "fluency_model": "fl.bin", "fluency_drop_fraction": 0.2,
+                       "drop_fraction": 0.1}})
+    assert cfg.needs_calibration()
+    out = calibrate_config(cfg, list(doms), {"dclm_score": hq, "perplexity": ppl, "disfluency_score": dis})
+    c = out.classifiers[0]
+    low = hq < per_domain(doms, c.threshold, c.thresholds)
+    for d, f in (("C4", 0.3), ("Books", 0.1)):
+        m = doms == d
+        assert abs(low[m].sum() - f * m.sum()) <= 1
+        assert hq[m & low].max() < hq[m & ~low].min()       # the lowest p(hq) go
+    alive = ~low
+    by_fluency = removes(dis, per_domain(doms, out.disfluency.fluency_threshold), True)
+    by_ppl = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False)
+    for d in ("C4", "Books"):
+        m = alive & (doms == d)
+        assert abs(by_fluency[m].sum() - 0.2 * m.sum()) <= 1
+        m &= ~by_fluency
+        assert abs(by_ppl[m].sum() - 0.1 * m.sum()) <= 1
+    assert out.disfluency.fluency_calibrated["drop_fraction"] == 0.2 and not out.needs_calibration()
