@@ -110,3 +110,74 @@ def reasons_where(remove: np.ndarray, reason: str) -> np.ndarray:
     out = np.full(len(remove), None, dtype=object)
     out[np.asarray(remove, bool)] = reason
     return out
+
+
+class ThresholdFilter(ModelFilter):
+    """A model filter that describes itself, so that a new one is a single file.
+
+    Subclass it in a module of your own, name the class `FILTER` there, and list the module under
+    `plugins:` in the filter config; its settings are the YAML section named by `section`:
+
+        # caps_filter.py
+        class CapsFilter(ThresholdFilter):
+            section = "caps"                 # YAML section, and the removal reason
+            column = "caps_score"            # its score column
+            keep_if = "low"                  # remove when score >= threshold ("high": when < threshold)
+            probability = True               # thresholds must lie in [0, 1]
+            options = {"min_letters": 1}     # further settings and their defaults
+            files = ()                       # settings naming model files (hashed into the manifest)
+            def score(self, texts, domains):
+                return {self.column: ...}
+        FILTER = CapsFilter
+
+        # filters.yaml
+        plugins: [caps_filter]
+        caps: {drop_fraction: 0.1, min_letters: 3}     # or threshold / thresholds, domains
+
+`curate filter` then validates the section (unknown keys refused), builds the filter after the
+built-in ones, calibrates `drop_fraction` per domain on `column`, writes the column, counts its
+reason, and records its settings and model hashes; `curate manifest` shows it. Nothing else in
+the project names it."""
+
+    section: str = ""
+    column: str = ""
+    keep_if: str = "low"
+    probability: bool = True
+    options: dict = {}
+    files: tuple[str, ...] = ()
+
+    def __init__(self, settings: dict, paths: dict) -> None:
+        """settings: the validated section (threshold, thresholds, domains, options; drop_fraction
+        None once calibrated); paths: the model files of `files`, resolved."""
+        self.reason = self.section
+        self.columns = (self.column,)
+        self.settings = dict(settings)
+        self.paths = dict(paths)
+        self.domains = settings.get("domains")
+
+    def removes(self, scores: np.ndarray, domains: Sequence[str]) -> np.ndarray:
+        from filters.calibrate import per_domain, removes
+
+        t = per_domain(domains, self.settings["threshold"], self.settings.get("thresholds"))
+        if self.keep_if == "low":
+            return removes(scores, t, inclusive=True)
+        with np.errstate(invalid="ignore"):
+            return np.asarray(scores, np.float64) < t
+
+    def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:
+        from common.errors import CurateError
+
+        if self.settings.get("drop_fraction") is not None:
+            raise CurateError(f"{self.section}.drop_fraction is set but its thresholds were not calibrated "
+                              "(`curate filter` calibrates them on a sample of the input first)")
+        return reasons_where(self.removes(scores[self.column], domains), self.reason)
+
+    def describe(self) -> dict:
+        from common.files import file_sha256
+
+        d = {"reason": self.reason, "column": self.column, "keep_if": self.keep_if,
+             **{k: v for k, v in self.settings.items() if k not in ("calibrated",)}}
+        for key, path in self.paths.items():
+            d[key] = str(path)
+            d[f"{key}_sha256"] = file_sha256(path, f"{self.section}.{key}")
+        return d

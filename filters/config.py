@@ -134,13 +134,17 @@ class FilterConfig:
     ads: AdsConfig | None = None
     disfluency: DisfluencyConfig | None = None
     classifiers: list[ClassifierConfig] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)     # modules defining a ThresholdFilter `FILTER`
+    extra: dict[str, dict] = field(default_factory=dict)  # the plugins' sections, validated
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     batch_size: int = 1024
     source: str = ""                 # path it was loaded from (not part of the hash)
 
     def to_dict(self) -> dict:
+        """The config as YAML would give it (plugin sections at the top level): it parses back."""
         d = asdict(self)
         d.pop("source")
+        d.update(d.pop("extra"))
         return d
 
     def config_hash(self) -> str:
@@ -152,7 +156,7 @@ class FilterConfig:
 
     def needs_calibration(self) -> bool:
         return any(s.drop_fraction is not None or getattr(s, "fluency_drop_fraction", None) is not None
-                   for s in self.sections())
+                   for s in self.sections()) or any(x["drop_fraction"] is not None for x in self.extra.values())
 
     def domains_named(self) -> set[str]:
         """Every domain name the config mentions, for checking against the dataset's domains."""
@@ -164,6 +168,10 @@ class FilterConfig:
             for v in values:
                 if isinstance(v, dict):
                     names |= set(v) - {"default"}
+        for x in self.extra.values():
+            names |= set(x["domains"] or ()) | set(x["thresholds"])
+            if isinstance(x["drop_fraction"], dict):
+                names |= set(x["drop_fraction"])
         return names
 
     def model_path(self, path: str) -> Path:
@@ -331,6 +339,57 @@ def _parse_classifiers(raw: object, where: str) -> list[ClassifierConfig]:
 RESERVED_NAMES = {"ads", "disfluency", "length", "ad"}
 
 
+def plugin_class(module: str, where: str):
+    """The `FILTER` class a plugin module defines (a `filters.base.ThresholdFilter` subclass)."""
+    import importlib
+
+    from filters.base import ThresholdFilter
+
+    if not isinstance(module, str) or not module:
+        raise CurateError(f"{where}: plugins must be a list of Python module names, got {module!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise CurateError(f"{where}: plugin module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from e
+    cls = getattr(mod, "FILTER", None)
+    if not (isinstance(cls, type) and issubclass(cls, ThresholdFilter) and cls.section and cls.column):
+        raise CurateError(f"{where}: plugin module {module!r} must define FILTER, a filters.base.ThresholdFilter "
+                          f"subclass with `section` and `column`")
+    return cls
+
+
+def _parse_plugin(cls, sec: dict, where: str) -> dict:
+    name = cls.section
+    base = {"threshold", "thresholds", "drop_fraction", "domains", "calibrated"}
+    _check_keys(f"{name}.", sec, base | set(cls.options) | set(cls.files), where)
+    hi = 1.0 if cls.probability else math.inf
+    lo = 0.0 if cls.probability else -math.inf
+    thresholds = sec.get("thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise CurateError(f"{where}: {name}.thresholds must be a mapping {{domain: threshold}}")
+    if "threshold" not in sec and not thresholds and sec.get("drop_fraction") is None:
+        raise CurateError(f"{where}: {name} needs threshold, thresholds or drop_fraction")
+    out = {
+        "threshold": None if sec.get("threshold") is None else _number(sec["threshold"], f"{name}.threshold", where,
+                                                                        lo=lo, hi=hi),
+        "thresholds": _per_domain(thresholds, f"{name}.thresholds", where, allow_default=False, lo=lo, hi=hi)
+        if thresholds else {},
+        "drop_fraction": None if sec.get("drop_fraction") is None else
+        _per_domain(sec["drop_fraction"], f"{name}.drop_fraction", where, allow_default=False, hi=1.0),
+        "domains": _domains(sec.get("domains"), f"{name}.domains", where),
+        "calibrated": sec.get("calibrated"),
+    }
+    for key in cls.files:
+        out[key] = None if sec.get(key) is None else _path(sec[key], f"{name}.{key}", where)
+    for key, default in cls.options.items():
+        v = sec.get(key, default)
+        if default is not None and type(v) is not type(default) and not (
+                isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)):
+            raise CurateError(f"{where}: {name}.{key} must be a {type(default).__name__}, got {v!r}")
+        out[key] = v
+    return out
+
+
 def _check_ints(section, prefix: str, minimum: int, where: str) -> None:
     """Every field of a section dataclass must be an integer >= minimum, 0 or 1 (bools are not integers here)."""
     for f in dataclasses.fields(section):
@@ -344,7 +403,15 @@ def parse_filter_config(raw: dict | None, where: str = "filter config") -> Filte
     raw = raw or {}
     if not isinstance(raw, dict):
         raise CurateError(f"{where}: expected a mapping at the top level")
-    _check_keys("", raw, {"length", "ads", "disfluency", "classifiers", "calibration", "batch_size"}, where)
+    plugins = raw.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise CurateError(f"{where}: plugins must be a list of Python module names")
+    classes = {c.section: c for c in (plugin_class(m, where) for m in plugins)}
+    builtin = {"length", "ads", "disfluency", "classifiers", "calibration", "batch_size", "plugins"}
+    clash = sorted(set(classes) & (builtin | RESERVED_NAMES))
+    if clash:
+        raise CurateError(f"{where}: plugin section(s) {', '.join(clash)} clash with built-in names")
+    _check_keys("", raw, builtin | set(classes), where)
     length = _section(raw, "length", where) or {}
     _check_keys("length.", length, {"min_chars", "min_words"}, where)
     lc = LengthConfig(**length)
@@ -361,6 +428,8 @@ def parse_filter_config(raw: dict | None, where: str = "filter config") -> Filte
     return FilterConfig(length=lc, ads=None if ads is None else _parse_ads(ads, where),
                         disfluency=None if dis is None else _parse_disfluency(dis, where),
                         classifiers=_parse_classifiers(raw.get("classifiers") or [], where),
+                        plugins=list(plugins),
+                        extra={n: _parse_plugin(c, raw[n], where) for n, c in classes.items() if raw.get(n) is not None},
                         calibration=cc, batch_size=bs)
 
 
@@ -402,7 +471,16 @@ def build_filters(cfg: FilterConfig) -> list[DocumentFilter]:
             calibrated=d.drop_fraction is None and d.fluency_drop_fraction is None,
             sentencepiece=None if d.sentencepiece is None else cfg.model_path(d.sentencepiece),
             perplexity_mode=d.perplexity_mode))
+    for cls in plugin_classes(cfg):
+        sec = cfg.extra[cls.section]
+        chain.append(cls(sec, {k: cfg.model_path(sec[k]) for k in cls.files if sec.get(k) is not None}))
     return chain
+
+
+def plugin_classes(cfg: FilterConfig) -> list:
+    """The plugin filter classes the config uses, in the order its `plugins:` lists them."""
+    classes = [plugin_class(m, cfg.source or "filter config") for m in cfg.plugins]
+    return [c for c in classes if c.section in cfg.extra]
 
 
 MIN_CALIBRATION_DOCS = 50      # fewer sample documents of a domain than this: its threshold means little
@@ -433,9 +511,43 @@ def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np
         alive &= ~ClassifierFilter(c.name, c.model, c.label, c.threshold, c.thresholds,
                                    keep_if=c.keep_if).removes(scores[column], dom)
 
+    out.extra = dict(cfg.extra)
+    _calibrate_disfluency(cfg, out, scores, dom, alive)
+    if out.disfluency is not None:
+        alive &= ~_disfluency_removes(out.disfluency, scores, dom)
+    for cls in plugin_classes(cfg):
+        sec = out.extra[cls.section] = _calibrate_plugin(cls, cfg.extra[cls.section], scores[cls.column], dom, alive)
+        alive &= ~cls(sec, {}).removes(scores[cls.column], dom)
+    return out
+
+
+def _disfluency_removes(d: DisfluencyConfig, scores: dict, dom: np.ndarray) -> np.ndarray:
+    from filters.fluency import DisfluencyFilter
+
+    f = DisfluencyFilter(kenlm=d.kenlm, max_perplexity=d.max_perplexity, fluency_model=d.fluency_model,
+                         fluency_threshold=d.fluency_threshold, combine=d.combine)
+    cols = {c: scores[c] for c in f.columns}
+    return np.fromiter((r is not None for r in f.decide(cols, list(dom))), dtype=bool, count=dom.size)
+
+
+def _calibrate_plugin(cls, sec: dict, p: np.ndarray, dom: np.ndarray, alive: np.ndarray) -> dict:
+    if sec["drop_fraction"] is None:
+        return sec
+    p = np.where(alive, np.asarray(p, dtype=np.float64), np.nan)
+    high = cls.keep_if == "high"
+    res = domain_thresholds(-p if high else p, dom, sec["drop_fraction"], inclusive=not high)
+    _check_sampled(cls.section, sec["drop_fraction"], res)
+    sign = -1.0 if high else 1.0
+    return {**sec, "threshold": sec["threshold"] if res.default is None else sign * res.default,
+            "thresholds": {**sec["thresholds"], **{k: sign * v for k, v in res.thresholds.items()}},
+            "drop_fraction": None, "calibrated": res.record(sec["drop_fraction"])}
+
+
+def _calibrate_disfluency(cfg: FilterConfig, out: FilterConfig, scores: dict, dom: np.ndarray,
+                          alive: np.ndarray) -> None:
     d = cfg.disfluency
     if d is None or (d.drop_fraction is None and d.fluency_drop_fraction is None):
-        return out
+        return
     ppl = np.asarray(scores["perplexity"], dtype=np.float64) if d.kenlm else None
     dis = np.asarray(scores["disfluency_score"], dtype=np.float64) if d.fluency_model else None
     if d.fluency_drop_fraction is not None:
@@ -460,7 +572,6 @@ def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np
         d = dataclasses.replace(d, max_perplexity=_merge(d.max_perplexity, res), drop_fraction=None,
                                 calibrated=res.record(d.drop_fraction))
     out.disfluency = d
-    return out
 
 
 def _calibrate_classifier(sec, name: str, keep_if: str, p: np.ndarray, dom: np.ndarray, alive: np.ndarray):
@@ -504,6 +615,7 @@ def calibration_records(cfg: FilterConfig) -> list[tuple[str, dict]]:
         out.append(("disfluency.fluency", d.fluency_calibrated))
     if d is not None and d.calibrated:
         out.append(("disfluency", d.calibrated))
+    out += [(n, x["calibrated"]) for n, x in cfg.extra.items() if x.get("calibrated")]
     return out
 
 

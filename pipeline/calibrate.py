@@ -22,7 +22,7 @@ import numpy as np
 
 from filters.base import ModelFilter
 from filters.config import (FilterConfig, calibrate_config, calibration_records, parse_filter_config,
-                            small_samples)
+                            plugin_classes, small_samples)
 from common.errors import CurateError
 from pipeline.domains import DatasetManifest
 from pipeline.readers import Shard, ShardReadError, read_shard
@@ -94,6 +94,10 @@ def _rule(cfg: FilterConfig, name: str) -> tuple[str, object, object]:
         return "p(disfluent) >=", d.fluency_threshold, None
     if name == "disfluency":
         return "perplexity >", d.max_perplexity, None
+    if name in cfg.extra:
+        x = cfg.extra[name]
+        keep_if = next(c.keep_if for c in plugin_classes(cfg) if c.section == name)
+        return f"{name} score " + ("<" if keep_if == "high" else ">="), x["thresholds"], x["threshold"]
     c = next(c for c in cfg.classifiers if c.name == name)
     return (f"p({c.label}) " + ("<" if c.keep_if == "high" else ">=")), c.thresholds, c.threshold
 
