@@ -20,6 +20,7 @@ from filters.config import FilterConfig, build_filters, load_filter_config
 from common.errors import CurateError
 from pipeline import calibrate
 from pipeline.cluster import dask_client
+from pipeline.inspect import write_stats
 from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
                                shard_manifest_path, write_json)
@@ -173,6 +174,7 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
         "docs_per_s": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
     }
     write_json(out_dir / "manifest.json", manifest)
+    write_stats(out_dir)          # per-filter statistics (pipeline/inspect.py), from the outputs
     for warning in calibrate.overshoot(cfg, totals):
         print(warning, file=sys.stderr)
     return manifest
