@@ -103,3 +103,18 @@ def test_sentencepiece_without_kenlm_is_refused(tmp_path):
     config.write_text(yaml.safe_dump({"disfluency": {"sentencepiece": "x.sp.model", "fluency_model": "f.bin"}}))
     proc = curate("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False)
     assert proc.returncode == 2 and "needs disfluency.kenlm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_normaliser_equals_cc_nets_on_random_unicode(cc_net):
+    import random
+
+    from cc_net import text_normalizer
+
+    from filters.ccnet import ccnet_normalize
+
+    rng = random.Random(0)
+    punct = "".join(text_normalizer.UNICODE_PUNCT)
+    for _ in range(5000):
+        s = "".join(rng.choice([chr(rng.randint(0, 0x3000)), rng.choice(punct), rng.choice(" \n\t\r\x85\xa0"),
+                                rng.choice("AbÉç١٢3４")]) for _ in range(rng.randint(0, 40)))
+        assert ccnet_normalize(s) == text_normalizer.normalize(s), repr(s)

@@ -26,7 +26,8 @@ def quality_model(sample_dir, tmp_path_factory):
             row = json.loads(line)
             label = "hq" if row["label"] == "clean" else "cc"
             f.write(f"__label__{label} " + " ".join(row["text"].split("\n")) + "\n")
-    model = fasttext.train_supervised(str(train), epoch=10, bucket=50_000, thread=1, wordNgrams=2, verbose=0)
+    model = fasttext.train_supervised(str(train), epoch=10, lr=0.2, dim=20, bucket=50_000, thread=1, wordNgrams=2,
+                                      loss="softmax", seed=0, verbose=0)
     model.save_model(str(out / "quality.bin"))
     return out / "quality.bin"
 
