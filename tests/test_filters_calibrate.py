@@ -150,3 +150,23 @@ def test_each_model_gets_its_own_drop_fraction_and_keep_if_high_removes_the_lowe
         m &= ~by_fluency
         assert abs(by_ppl[m].sum() - 0.1 * m.sum()) <= 1
     assert out.disfluency.fluency_calibrated["drop_fraction"] == 0.2 and not out.needs_calibration()
+
+
+def test_warnings_for_small_samples_and_for_a_run_that_removes_far_more_than_asked():
+    from filters.config import small_samples
+    from pipeline.calibrate import overshoot
+
+    cfg = parse_filter_config({"ads": {"model": "ads.bin", "drop_fraction": 0.1},
+                               "disfluency": {"kenlm": "lm.bin", "drop_fraction": 0.1}})
+    rng = np.random.default_rng(0)
+    doms = ["C4"] * 400 + ["Books"] * 12
+    out = calibrate_config(cfg, doms, {"ad_score": rng.random(412), "perplexity": rng.gamma(2.0, 80.0, 412)})
+    warnings = small_samples(out)
+    assert len(warnings) == 2 and "Books (12)" in warnings[0] and all("Books (" in w and "C4" not in w for w in warnings)
+
+    def counts(docs_in, ads, ppl):
+        return {"docs_in": docs_in, "kept": docs_in - ads - ppl, "malformed": 0,
+                "removed": {"ads": ads, "disfluency:perplexity": ppl}}
+    totals = {"by_domain": {"C4": counts(1000, 100, 90), "Books": counts(100, 10, 60)}}
+    got = overshoot(out, totals)
+    assert len(got) == 1 and "disfluency removed 60 of 90 Books" in got[0] and "10%" in got[0]
