@@ -24,26 +24,30 @@ TASKS: dict[str, tuple[str, str]] = {
 PREFIX = "__label__"
 
 
-def load_classifier(path: str | Path, task: str):
-    """Load a supervised fastText model and check it is complete and has the task's labels."""
+def load_classifier(path: str | Path, task: str | None = None, *, labels: Sequence[str] | None = None,
+                    what: str | None = None):
+    """Load a supervised fastText model and check it is complete and has the labels asked for:
+    a `task`'s two labels (`curate train-classifier --task`), or the given `labels` (names without
+    `__label__`) for any other classifier."""
     import fasttext
 
-    what = f"{task} model"
+    what = what or f"{task} model"
+    hint = f"train one with `curate train-classifier --task {task}`" if task else "download or train it"
     p = Path(path)
     if not p.is_file():
-        raise CurateError(f"{what} file {p} does not exist (check the path in the filter config, "
-                          f"or train one with `curate train-classifier --task {task}`)")
+        raise CurateError(f"{what} file {p} does not exist (check the path in the filter config, or {hint})")
     _check_header(p, what)
     try:
         model = fasttext.load_model(str(p))
     except (ValueError, MemoryError, RuntimeError) as e:   # bad magic number, std::bad_alloc on a corrupt header
         raise CurateError(f"{what} file {p} is not a readable fastText model ({e})") from e
     _check_complete(model, p, what)
-    labels = set(model.labels)
-    wanted = {PREFIX + name for name in TASKS[task]}
-    if not wanted <= labels:
-        raise CurateError(f"{what} file {p} has labels {sorted(labels)}, expected {sorted(wanted)}: "
-                          f"was it trained with `curate train-classifier --task {task}`?")
+    have = set(model.labels)
+    wanted = {PREFIX + name for name in (TASKS[task] if labels is None else labels)}
+    if not wanted <= have:
+        why = f"was it trained with `curate train-classifier --task {task}`?" if labels is None else \
+            "check the classifier's `label` in the filter config"
+        raise CurateError(f"{what} file {p} has labels {sorted(have)}, expected {sorted(wanted)}: {why}")
     return model
 
 

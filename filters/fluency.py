@@ -9,7 +9,10 @@ line normalised by `normalize_lines` and scored by KenLM with sentence begin and
 +1 counts the end marker). Rules: remove when perplexity > max_perplexity; with a fluency model,
 its rule says remove when p(disfluent) >= fluency_threshold, and `combine` decides whether either
 rule or both are needed. A domain without a limit in a per-domain mapping is scored, never removed
-by that rule.
+by that rule. Each rule has its own reason (`disfluency:perplexity`, `disfluency:fluency`).
+
+With a SentencePiece model (`sentencepiece=`), the KenLM model is fed pieces and the perplexity is
+cc_net's (`filters.ccnet`): a public `<lang>.arpa.bin` + `<lang>.sp.model` pair scores as in cc_net.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from common.files import file_sha256
-from filters.base import DocumentFilter, FilterResult
+from filters.base import ModelFilter
+from filters.ccnet import PieceScorer
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
 from filters.fasttext_model import label_probability, load_classifier
@@ -39,6 +43,21 @@ def load_kenlm(path: str | Path, what: str = "KenLM model"):
         raise CurateError(f"{what} file {p} is not a readable KenLM model (ARPA or binary): {e}") from e
 
 
+def load_sentencepiece(path: str | Path):
+    import sentencepiece
+
+    p = Path(path)
+    if not p.is_file():
+        raise CurateError(f"SentencePiece model file {p} does not exist (check disfluency.sentencepiece in the "
+                          f"filter config, or train a pair with `curate train-lm --sentencepiece VOCAB`)")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.load(str(p))
+    except (OSError, RuntimeError) as e:
+        raise CurateError(f"SentencePiece model file {p} is not readable: {e}") from e
+    return sp
+
+
 def perplexities(model, texts: Sequence[str]) -> np.ndarray:
     """cc_net's document perplexity for each text. A text with no words after normalisation is
     scored as one empty line (only the end marker), so every document gets a finite value."""
@@ -55,32 +74,48 @@ def perplexities(model, texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-class DisfluencyFilter(DocumentFilter):
+PERPLEXITY, FLUENCY, BOTH = "disfluency:perplexity", "disfluency:fluency", "disfluency:both"
+
+
+class DisfluencyFilter(ModelFilter):
+    """Reasons: `disfluency:fluency` where the fluency classifier removes, else `disfluency:perplexity`
+    where the KenLM cut does (`combine: either`, the classifier's verdict taking precedence);
+    `disfluency:both` for `combine: both`, where only the two together remove."""
+
     reason = "disfluency"
 
     def __init__(self, kenlm: str | Path | None = None, max_perplexity: float | Mapping[str, float] | None = None,
                  fluency_model: str | Path | None = None, fluency_threshold: float | Mapping[str, float] = 0.5,
-                 combine: str = "either", domains: Sequence[str] | None = None, calibrated: bool = True) -> None:
+                 combine: str = "either", domains: Sequence[str] | None = None, calibrated: bool = True,
+                 sentencepiece: str | Path | None = None, perplexity_mode: str = "document") -> None:
         if kenlm is None and fluency_model is None:
             raise ValueError("DisfluencyFilter needs a KenLM model, a fluency classifier, or both")
         self.kenlm_path = None if kenlm is None else Path(kenlm)
+        self.sp_path = None if sentencepiece is None else Path(sentencepiece)
+        self.perplexity_mode = perplexity_mode
         self.fluency_path = None if fluency_model is None else Path(fluency_model)
         self.max_perplexity = max_perplexity
         self.fluency_threshold = fluency_threshold
         self.combine = combine
         self.domains = None if domains is None else list(domains)
         self.calibrated = calibrated
+        self.reasons = ((BOTH,) if combine == "both" and kenlm is not None and fluency_model is not None else
+                        (((FLUENCY,) if fluency_model is not None else ()) +
+                         ((PERPLEXITY,) if kenlm is not None else ())))
         self.columns = (("perplexity",) if kenlm is not None else ()) + \
                        (("disfluency_score",) if fluency_model is not None else ())
         self._lm = None
+        self._sp = None
         self._clf = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_lm": None, "_clf": None}
+        return {**self.__dict__, "_lm": None, "_sp": None, "_clf": None}
 
     def load(self) -> None:
         if self.kenlm_path is not None and self._lm is None:
             self._lm = load_kenlm(self.kenlm_path)
+        if self.sp_path is not None and self._sp is None:
+            self._sp = load_sentencepiece(self.sp_path)
         if self.fluency_path is not None and self._clf is None:
             self._clf = load_classifier(self.fluency_path, "fluency")
 
@@ -92,7 +127,8 @@ class DisfluencyFilter(DocumentFilter):
         if not chosen:
             return out
         if self._lm is not None:
-            out["perplexity"][idx] = perplexities(self._lm, chosen)
+            out["perplexity"][idx] = (perplexities(self._lm, chosen) if self._sp is None else
+                                      PieceScorer(self._lm, self._sp, self.perplexity_mode).perplexities(chosen))
         if self._clf is not None:
             out["disfluency_score"][idx] = label_probability(self._clf, normalize_texts(chosen), "disfluent")
         return out
@@ -101,29 +137,35 @@ class DisfluencyFilter(DocumentFilter):
         if not self.calibrated:
             raise CurateError("disfluency.drop_fraction is set but its threshold was not calibrated "
                               "(`curate filter` calibrates it on a sample of the input first)")
-        rules = []
-        if self.kenlm_path is not None:
-            rules.append(removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False))
-        if self.fluency_path is not None:
-            rules.append(removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold),
-                                 inclusive=True))
-        if len(rules) == 1:
-            remove = rules[0]
-        elif self.combine == "both":
-            remove = rules[0] & rules[1]
+        n = len(domains)
+        by_ppl = np.zeros(n, bool) if self.kenlm_path is None else \
+            removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False)
+        by_fluency = np.zeros(n, bool) if self.fluency_path is None else \
+            removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold), inclusive=True)
+        out = np.full(n, None, dtype=object)
+        if self.reasons == (BOTH,):
+            out[by_ppl & by_fluency] = BOTH
         else:
-            remove = rules[0] | rules[1]
-        return ~remove
+            out[by_ppl] = PERPLEXITY
+            out[by_fluency] = FLUENCY
+        return out
 
-    def filter(self, texts: Sequence[str], domains: Sequence[str]) -> FilterResult:
-        scores = self.score(texts, domains)
-        return FilterResult(keep=self.decide(scores, domains), scores=scores)
+    def tokenisation(self) -> str:
+        """What the KenLM model is fed, in words (the manifest and the log say it)."""
+        if self.sp_path is None:
+            return "filters.normalize lines, whitespace words (curate train-lm without --sentencepiece)"
+        if self.perplexity_mode == "lines":
+            return "cc_net normaliser per line, SentencePiece pieces per line (edugp / datatrove KenlmModel)"
+        return "cc_net normaliser over the document, SentencePiece pieces (cc_net/mine.py)"
 
     def describe(self) -> dict:
-        d: dict = {"reason": self.reason, "domains": self.domains}
+        d: dict = {"reason": self.reason, "reasons": list(self.reasons), "domains": self.domains}
         if self.kenlm_path is not None:
             d.update(kenlm=str(self.kenlm_path), kenlm_sha256=file_sha256(self.kenlm_path, "KenLM model"),
-                     max_perplexity=self.max_perplexity)
+                     max_perplexity=self.max_perplexity, tokenisation=self.tokenisation())
+            if self.sp_path is not None:
+                d.update(sentencepiece=str(self.sp_path), perplexity_mode=self.perplexity_mode,
+                         sentencepiece_sha256=file_sha256(self.sp_path, "SentencePiece model"))
         if self.fluency_path is not None:
             d.update(fluency_model=str(self.fluency_path),
                      fluency_model_sha256=file_sha256(self.fluency_path, "fluency model"),

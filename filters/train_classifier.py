@@ -62,8 +62,25 @@ SYNONYMS = {
 
 # good plain-fastText settings for document classification: word bigrams, many epochs, a high
 # learning rate; 50 dimensions are plenty for two classes and keep predict fast
-DEFAULTS = {"lr": 0.5, "epoch": 25, "wordNgrams": 2, "dim": 50, "minCount": 1, "bucket": 2_000_000,
+# bucket None: chosen from the data (`fit_bucket`)
+DEFAULTS = {"lr": 0.5, "epoch": 25, "wordNgrams": 2, "dim": 50, "minCount": 1, "bucket": None,
             "loss": "softmax"}
+MAX_BUCKET = 2_000_000          # fastText's own default
+MIN_BUCKET = 1 << 14
+
+
+def fit_bucket(texts: list[str], word_ngrams: int) -> int:
+    """Hash buckets for the word n-grams (2..wordNgrams) the data holds: the next power of two at or
+    above twice their number (few collisions), at most fastText's 2M. Each bucket is a `dim`-float
+    row of the model, so 2M buckets make a 400 MB file even for a few hundred examples."""
+    if word_ngrams < 2:
+        return 0
+    grams: set[int] = set()
+    for t in texts:
+        words = t.split()
+        for n in range(2, word_ngrams + 1):
+            grams.update(hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1))
+    return int(min(MAX_BUCKET, max(MIN_BUCKET, 1 << (2 * len(grams) - 1).bit_length())))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,8 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, kind in (("lr", float), ("epoch", int), ("wordNgrams", int), ("dim", int), ("minCount", int),
                        ("bucket", int)):
         flag = re.sub(r"([a-z])([A-Z])", r"\1-\2", name).lower()      # wordNgrams -> --word-ngrams
+        default = "chosen from the data's word n-grams" if DEFAULTS[name] is None else DEFAULTS[name]
         p.add_argument(f"--{flag}", dest=name, type=kind, default=DEFAULTS[name],
-                       help=f"fastText {name} (default {DEFAULTS[name]})")
+                       help=f"fastText {name} (default {default})")
         if flag != name:        # fastText's own spelling, still accepted
             p.add_argument(f"--{name}", dest=name, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--loss", default=DEFAULTS["loss"], choices=("softmax", "ns", "hs", "ova"), help="fastText loss (default softmax)")
@@ -372,6 +390,9 @@ def train_classifier(task: str, data: str | Path, out: str | Path, valid: str | 
         if len(set(vlabels)) < 2 or len(set(tr_l)) < 2:
             raise CurateError(f"{data}: too few examples to hold out a validation tenth with both labels "
                               f"({len(texts)} examples); pass --valid FILE")
+    if params["bucket"] is None:
+        params["bucket"] = fit_bucket(texts, params["wordNgrams"])
+        print(f"bucket {params['bucket']:,} (the data's word n-grams; --bucket to override)")
     counts = Counter(tr_l)
     print(f"task {task}: {len(tr_t)} training examples ({counts[positive]} {positive}, {counts[negative]} {negative}), "
           f"{len(vtexts)} validation examples" + ("" if valid else " held out from --data"))
@@ -404,6 +425,6 @@ def train_classifier(task: str, data: str | Path, out: str | Path, valid: str | 
             os.replace(tmp_out, out)
         finally:
             tmp_out.unlink(missing_ok=True)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {params['bucket']:,} buckets x {params['dim']} dimensions)")
     return {"task": task, "params": params, "metrics": metrics, "train_examples": len(tr_t),
             "valid_examples": len(vtexts), "out": str(out)}

@@ -5,7 +5,13 @@ normalises documents before scoring (`filters.normalize.normalize_lines`), strea
 `lmplz`, and the ARPA result is turned into a binary model by `build_binary`, written atomically.
 
 `lmplz` and `build_binary` are not in the kenlm wheel: `make kenlm-tools` builds them into .venv/bin
-(they are also found on PATH). `--discount_fallback` is always passed: it changes nothing when
+(they are also found on PATH). With `--sentencepiece VOCAB` the pair is built the way cc_net built its `<lang>.arpa.bin` +
+`<lang>.sp.model`: each line is normalised with cc_net's normaliser (`filters.ccnet`), a SentencePiece
+model with VOCAB pieces is trained on those lines, and lmplz is trained on their pieces. The
+SentencePiece model is written beside the KenLM model (`X.arpa.bin` -> `X.sp.model`, else
+`X.bin` -> `X.sp.model`); name both in the filter config (`disfluency.kenlm`, `disfluency.sentencepiece`).
+
+`--discount_fallback` is always passed: it changes nothing when
 Kneser-Ney discounts can be estimated, and lets small corpora (no singletons or doubletons for some
 order) train instead of failing.
 """
@@ -20,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from common.errors import CurateError
+from filters.ccnet import ccnet_normalize
 from filters.normalize import normalize_lines
 
 MAX_ORDER = 6        # filters/build_kenlm.sh builds KenLM with KENLM_MAX_ORDER=6
@@ -32,10 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="20%", help="lmplz sorting memory (-S), e.g. 2G or 20%% (default 20%%)")
     p.add_argument("--binary-type", choices=("probing", "trie"), default="probing",
                    help="build_binary data structure: probing (fastest) or trie (smallest)")
+    p.add_argument("--sentencepiece", type=int, metavar="VOCAB",
+                   help="train a SentencePiece model of VOCAB pieces first and the KenLM model on its pieces "
+                        "(cc_net's recipe; written beside --out as *.sp.model)")
 
 
 def run(args: argparse.Namespace) -> int:
-    train_lm(args.text, args.out, order=args.order, memory=args.memory, binary_type=args.binary_type)
+    train_lm(args.text, args.out, order=args.order, memory=args.memory, binary_type=args.binary_type,
+             sentencepiece=args.sentencepiece)
     return 0
 
 
@@ -57,12 +68,51 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
-def train_lm(text: str | Path, out: str | Path, order: int = 5, memory: str = "20%",
-             binary_type: str = "probing") -> dict:
-    """Train and write the model; returns {"lines", "words", "order", "out"}."""
+def sentencepiece_path(out: str | Path) -> Path:
+    """Where `--sentencepiece` writes the SentencePiece model for KenLM model `out`."""
+    out = Path(out)
+    stem = out.name[:-len(".arpa.bin")] if out.name.endswith(".arpa.bin") else out.stem
+    return out.with_name(stem + ".sp.model")
+
+
+def _read_lines(text: Path):
     import fsspec
 
+    # newline="\n": a lone \r is a space to the normaliser, as at scoring time, not a line break
+    with fsspec.open(str(text), "rt", encoding="utf-8", errors="replace", compression="infer",
+                     newline="\n") as src:
+        yield from src
+
+
+def train_sentencepiece(text: Path, out: Path, vocab: int, tmp: str) -> "object":
+    """cc_net's recipe, step one: SentencePiece on the cc_net-normalised lines. Returns the processor."""
+    import sentencepiece as spm
+
+    plain = Path(tmp, "sp-train.txt")
+    with plain.open("w", encoding="utf-8") as f:
+        for raw in _read_lines(text):
+            if line := ccnet_normalize(raw):
+                f.write(line + "\n")
+    prefix = Path(tmp, "sp")
+    try:
+        spm.SentencePieceTrainer.train(input=str(plain), model_prefix=str(prefix), vocab_size=vocab,
+                                       character_coverage=0.9999, model_type="unigram",
+                                       hard_vocab_limit=False, minloglevel=2)
+    except (RuntimeError, OSError) as e:
+        raise CurateError(f"SentencePiece training on {text} failed (--sentencepiece {vocab}): {e}") from e
+    os.replace(prefix.with_suffix(".model"), out)
+    sp = spm.SentencePieceProcessor()
+    sp.load(str(out))
+    return sp
+
+
+def train_lm(text: str | Path, out: str | Path, order: int = 5, memory: str = "20%",
+             binary_type: str = "probing", sentencepiece: int | None = None) -> dict:
+    """Train and write the model (and with `sentencepiece`, its SentencePiece model first);
+    returns {"lines", "words", "order", "out", "sentencepiece"}."""
     text, out = Path(text), Path(out)
+    if sentencepiece is not None and sentencepiece < 8:
+        raise CurateError(f"--sentencepiece must be a vocabulary size of at least 8, got {sentencepiece}")
     if not 2 <= order <= MAX_ORDER:
         raise CurateError(f"--order must be between 2 and {MAX_ORDER}, got {order}")
     if not text.is_file():
@@ -72,21 +122,24 @@ def train_lm(text: str | Path, out: str | Path, order: int = 5, memory: str = "2
     lmplz, build_binary = find_tool("lmplz"), find_tool("build_binary")
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    sp_out = None if sentencepiece is None else sentencepiece_path(out)
     with tempfile.TemporaryDirectory(prefix="curate-kenlm-", dir=out.parent) as tmp:
+        sp = None if sp_out is None else train_sentencepiece(text, sp_out, sentencepiece, tmp)
         arpa, log = Path(tmp, "model.arpa"), Path(tmp, "lmplz.log")
         cmd = [lmplz, "-o", str(order), "-S", memory, "-T", tmp, "--discount_fallback"]
         n_lines = n_words = 0
         with arpa.open("wb") as arpa_f, log.open("wb") as log_f:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=arpa_f, stderr=log_f)
             try:
-                # newline="\n": a lone \r is a space to the normaliser, as at scoring time, not a line break
-                with fsspec.open(str(text), "rt", encoding="utf-8", errors="replace", compression="infer",
-                                 newline="\n") as src:
-                    for raw in src:
-                        for line in normalize_lines(raw):
-                            proc.stdin.write(line.encode("utf-8") + b"\n")
-                            n_lines += 1
-                            n_words += len(line.split())      # as scoring counts them
+                for raw in _read_lines(text):
+                    if sp is None:
+                        units = normalize_lines(raw)
+                    else:       # the pieces of the cc_net-normalised line, as scoring cuts them
+                        units = [" ".join(sp.encode_as_pieces(n))] if (n := ccnet_normalize(raw)) else []
+                    for line in units:
+                        proc.stdin.write(line.encode("utf-8") + b"\n")
+                        n_lines += 1
+                        n_words += len(line.split())      # as scoring counts them
                 proc.stdin.close()
             except BrokenPipeError:
                 pass        # lmplz died; its log says why (reported below)
@@ -101,6 +154,8 @@ def train_lm(text: str | Path, out: str | Path, order: int = 5, memory: str = "2
         if res.returncode != 0:
             raise CurateError(f"build_binary failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-2000:]}")
         os.replace(tmp_out, out)
-    print(f"trained an order-{order} KenLM model on {n_lines} normalised lines ({n_words} words) of {text}; "
+    unit = "words" if sp is None else f"pieces of a {sp.get_piece_size()}-piece SentencePiece model, {sp_out}"
+    print(f"trained an order-{order} KenLM model on {n_lines} normalised lines ({n_words} {unit}) of {text}; "
           f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return {"lines": n_lines, "words": n_words, "order": order, "out": str(out)}
+    return {"lines": n_lines, "words": n_words, "order": order, "out": str(out),
+            "sentencepiece": None if sp_out is None else str(sp_out)}

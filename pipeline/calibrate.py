@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.config import FilterConfig, calibrate_config, parse_filter_config
+from filters.base import ModelFilter
+from filters.config import (FilterConfig, calibrate_config, calibration_records, parse_filter_config,
+                            plugin_classes, small_samples)
 from common.errors import CurateError
 from common.progress import Progress
 from pipeline.domains import DatasetManifest
@@ -62,12 +64,12 @@ def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limi
     chain = worker_chain(cfg, run_key)
     alive = np.arange(len(texts))
     for f in chain:
-        if not hasattr(f, "score"):         # a rule, not a model: apply it
+        if not isinstance(f, ModelFilter):  # a rule, not a model: apply it
             keep = np.asarray(f.filter([texts[i] for i in alive], [domains[i] for i in alive]).keep, bool)
             alive = alive[keep]
     scores: dict[str, np.ndarray] = {}
     for f in chain:
-        if hasattr(f, "score"):
+        if isinstance(f, ModelFilter):
             cols = {c: np.full(alive.size, np.nan) for c in f.columns}
             for start in range(0, alive.size, cfg.batch_size):
                 idx = alive[start:start + cfg.batch_size]
@@ -84,24 +86,37 @@ def _cache_key(run_key: str, picked: list[Shard], per_shard: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _summary(before: FilterConfig, after: FilterConfig) -> str:
+def _rule(cfg: FilterConfig, name: str) -> tuple[str, object, object]:
+    """(what the thresholds remove, per-domain thresholds, their default) of a calibrated rule."""
+    if name == "ads":
+        return "p(ad) >=", cfg.ads.thresholds, cfg.ads.threshold
+    d = cfg.disfluency
+    if name == "disfluency.fluency" or (name == "disfluency" and not d.kenlm):
+        return "p(disfluent) >=", d.fluency_threshold, None
+    if name == "disfluency":
+        return "perplexity >", d.max_perplexity, None
+    if name in cfg.extra:
+        x = cfg.extra[name]
+        keep_if = next(c.keep_if for c in plugin_classes(cfg) if c.section == name)
+        return f"{name} score " + ("<" if keep_if == "high" else ">="), x["thresholds"], x["threshold"]
+    c = next(c for c in cfg.classifiers if c.name == name)
+    return (f"p({c.label}) " + ("<" if c.keep_if == "high" else ">=")), c.thresholds, c.threshold
+
+
+def _summary(after: FilterConfig) -> str:
     lines = []
-    for name in ("ads", "disfluency"):
-        old, new = getattr(before, name), getattr(after, name)
-        if old is None or old.drop_fraction is None:
-            continue
-        rec = new.calibrated
-        value = new.thresholds if name == "ads" else (new.max_perplexity if new.kenlm else new.fluency_threshold)
+    for name, rec in calibration_records(after):
+        what, value, default = _rule(after, name)
+        value = value if isinstance(value, dict) else {"default": value}
         parts = []
         for d, t in sorted(value.items()):
             n = rec["sample_docs"].get(d)
             share = f" drops {rec['sample_removed'][d]}/{n}" if n else ""
             parts.append(f"{d} {t:.6g}{share}")
-        if name == "ads" and rec["drop_fraction"] is not None and not isinstance(rec["drop_fraction"], dict):
-            parts.append(f"other domains {new.threshold:.6g}")
-        what = "p(ad) >=" if name == "ads" else ("perplexity >" if new.kenlm else "p(disfluent) >=")
+        if default is not None and not isinstance(rec["drop_fraction"], dict):
+            parts.append(f"other domains {default:.6g}")
         lines.append(f"calibrated {name} (drop_fraction {rec['drop_fraction']}), removes {what}: " + ", ".join(parts))
-    return "\n".join(lines)
+    return "\n".join(lines + small_samples(after))
 
 
 def _sample(cfg: FilterConfig, shards: list[Shard], run_key: str) -> tuple[list[Shard], int, str]:
@@ -153,7 +168,39 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
     scores = {c: np.concatenate([p["scores"][c] for p in parts]) for c in columns}
     resolved = calibrate_config(cfg, domains, scores)
     print(f"calibration: scored {len(domains)} documents from {len(picked)} shard(s)\n"
-          + _summary(cfg, resolved), file=sys.stderr)
+          + _summary(resolved), file=sys.stderr)
     if cache is not None:
         write_atomic(Path(cache), json.dumps({"key": key, "config": resolved.to_dict()}, indent=1).encode())
     return resolved
+
+
+def _rule_reasons(cfg: FilterConfig, name: str) -> list[str]:
+    from filters.fluency import BOTH, FLUENCY, PERPLEXITY
+
+    if name == "disfluency.fluency":
+        return [FLUENCY]
+    if name == "disfluency":
+        d = cfg.disfluency
+        if not d.kenlm:
+            return [FLUENCY]
+        return [BOTH] if d.combine == "both" and d.fluency_model else [PERPLEXITY]
+    return [name]
+
+
+def overshoot(cfg: FilterConfig, totals: dict) -> list[str]:
+    """After a run: warnings for every domain a calibrated rule removed far more of (over twice its
+    drop fraction, and 5 points more) than asked, as when the run's data differs from the sample.
+    A rule's share is of the documents reaching it, as its drop fraction is."""
+    out = []
+    for d, c in sorted(totals.get("by_domain", {}).items()):
+        reach = c["docs_in"] - c["malformed"] - c["removed"].get("length", 0)
+        for name, rec in calibration_records(cfg):
+            fraction = rec["drop_fraction"]
+            f = fraction.get(d) if isinstance(fraction, dict) else fraction
+            removed = sum(c["removed"].get(r, 0) for r in _rule_reasons(cfg, name))
+            if f is not None and reach > 0 and removed / reach > max(2 * f, f + 0.05):
+                out.append(f"warning: {name} removed {removed} of {reach} {d} documents ({removed / reach:.0%}) "
+                           f"while its drop_fraction asked for {f:.0%}: the calibration sample does not "
+                           f"represent this domain (see calibration.json, raise calibration.max_docs)")
+            reach -= removed
+    return out

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-lm": ("filters.train_lm", "train a KenLM model (lmplz + build_binary)"),
     "filter": ("pipeline.filter", "score and filter SlimPajama shards on Dask, write Parquet"),
     "manifest": ("pipeline.manifest", "print the summary table of a filter or tokenize output"),
+    "inspect": ("pipeline.inspect", "score histograms and sampled kept / removed documents of a filter run"),
     "tokenize": ("pipeline.tokenize", "tokenize and pack kept documents per domain"),
     "convert": ("trainer.convert", "split a dense LLaMA's FFNs into experts (LLaMA-MoE)"),
     "train": ("trainer.train", "continually pre-train an MoE on the domain-mixed stream"),

@@ -23,6 +23,7 @@ from common.progress import Progress, add_progress_argument
 from common.files import temporary_path
 from pipeline import calibrate
 from pipeline.cluster import add_tls_arguments, dask_client, tls_options
+from pipeline.inspect import write_stats
 from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
                                shard_manifest_path, write_json)
@@ -225,4 +226,7 @@ def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifes
         "docs_per_s": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
     }
     write_json(out_dir / "manifest.json", manifest)
+    write_stats(out_dir)          # per-filter statistics (pipeline/inspect.py), from the outputs
+    for warning in calibrate.overshoot(cfg, totals):
+        print(warning, file=sys.stderr)
     return manifest

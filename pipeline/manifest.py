@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
                       f"({sh.get('skipped', 0)} skipped as already done); config hash {m.get('config_hash')}")
         for f in m.get("failed", []):
             console.print(f"  failed {f['shard']}: {f['error']}", markup=False)
+        for f in m.get("filters", []):
+            if f.get("tokenisation"):
+                console.print(f"{f['reason']}: KenLM is fed {f['tokenisation']}", markup=False)
     else:
         console.print(generic_table(m, title=f"{args.dir} ({m.get('kind', 'unknown kind')})"))
     return 0

@@ -112,8 +112,9 @@ def score_batch(chain: Sequence[DocumentFilter], texts: list[str], domains: list
             raise RuntimeError(f"filter {type(f).__name__} returned {keep.size} decisions for {alive.size} documents")
         for c, v in res.scores.items():
             scores.setdefault(c, np.full(n, np.nan))[alive] = v
-        for i in alive[~keep]:
-            reasons[i] = f.reason
+        why = res.reasons if res.reasons is not None else np.full(keep.size, f.reason, dtype=object)
+        for i, r in zip(alive[~keep], why[~keep]):
+            reasons[i] = r
         alive = alive[keep]
     return scores, reasons
 

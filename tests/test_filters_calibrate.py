@@ -106,10 +106,12 @@ def test_calibrate_config_runs_the_chain_in_order():
         m = doms == d
         assert abs(ad_removed[m].sum() - f * m.sum()) <= 1
     alive = ~ad_removed
-    dis_removed = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False) | (dis >= 0.95)
+    by_fluency = dis >= 0.95
+    by_ppl = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False)
     for d in ("C4", "CommonCrawl", "Books"):
-        m = alive & (doms == d)      # the fraction is of the documents the ads filter kept
-        assert abs(dis_removed[m].sum() - 0.15 * m.sum()) <= 1
+        # the KenLM cut's fraction is of the documents the ads filter and the fluency rule keep
+        m = alive & ~by_fluency & (doms == d)
+        assert abs(by_ppl[m].sum() - 0.15 * m.sum()) <= 1
     assert "default" in out.disfluency.max_perplexity
     assert out.disfluency.calibrated["drop_fraction"] == 0.15
     assert out.config_hash() != cfg.config_hash()
@@ -119,3 +121,52 @@ def test_calibration_refuses_a_domain_missing_from_the_sample():
     cfg = parse_filter_config({"ads": {"model": "ads.bin", "drop_fraction": {"ArXiv": 0.5}}})
     with pytest.raises(CurateError, match="ArXiv"):
         calibrate_config(cfg, ["C4", "C4"], {"ad_score": np.array([0.1, 0.9])})
+
+
+def test_each_model_gets_its_own_drop_fraction_and_keep_if_high_removes_the_lowest():
+    rng = np.random.default_rng(3)
+    n = 3000
+    doms = rng.choice(["C4", "Books"], n)
+    hq, ppl, dis = rng.random(n), rng.gamma(2.0, 80.0, n), rng.random(n)
+    cfg = parse_filter_config({
+        "classifiers": [{"name": "dclm", "model": "q.bin", "label": "hq", "keep_if": "high",
+                         "drop_fraction": {"C4": 0.3, "Books": 0.1}}],
+        "disfluency": {"kenlm": "lm.bin", "fluency_model": "fl.bin", "fluency_drop_fraction": 0.2,
+                       "drop_fraction": 0.1}})
+    assert cfg.needs_calibration()
+    out = calibrate_config(cfg, list(doms), {"dclm_score": hq, "perplexity": ppl, "disfluency_score": dis})
+    c = out.classifiers[0]
+    low = hq < per_domain(doms, c.threshold, c.thresholds)
+    for d, f in (("C4", 0.3), ("Books", 0.1)):
+        m = doms == d
+        assert abs(low[m].sum() - f * m.sum()) <= 1
+        assert hq[m & low].max() < hq[m & ~low].min()       # the lowest p(hq) go
+    alive = ~low
+    by_fluency = removes(dis, per_domain(doms, out.disfluency.fluency_threshold), True)
+    by_ppl = removes(ppl, per_domain(doms, out.disfluency.max_perplexity), False)
+    for d in ("C4", "Books"):
+        m = alive & (doms == d)
+        assert abs(by_fluency[m].sum() - 0.2 * m.sum()) <= 1
+        m &= ~by_fluency
+        assert abs(by_ppl[m].sum() - 0.1 * m.sum()) <= 1
+    assert out.disfluency.fluency_calibrated["drop_fraction"] == 0.2 and not out.needs_calibration()
+
+
+def test_warnings_for_small_samples_and_for_a_run_that_removes_far_more_than_asked():
+    from filters.config import small_samples
+    from pipeline.calibrate import overshoot
+
+    cfg = parse_filter_config({"ads": {"model": "ads.bin", "drop_fraction": 0.1},
+                               "disfluency": {"kenlm": "lm.bin", "drop_fraction": 0.1}})
+    rng = np.random.default_rng(0)
+    doms = ["C4"] * 400 + ["Books"] * 12
+    out = calibrate_config(cfg, doms, {"ad_score": rng.random(412), "perplexity": rng.gamma(2.0, 80.0, 412)})
+    warnings = small_samples(out)
+    assert len(warnings) == 2 and "Books (12)" in warnings[0] and all("Books (" in w and "C4" not in w for w in warnings)
+
+    def counts(docs_in, ads, ppl):
+        return {"docs_in": docs_in, "kept": docs_in - ads - ppl, "malformed": 0,
+                "removed": {"ads": ads, "disfluency:perplexity": ppl}}
+    totals = {"by_domain": {"C4": counts(1000, 100, 90), "Books": counts(100, 10, 60)}}
+    got = overshoot(out, totals)
+    assert len(got) == 1 and "disfluency removed 60 of 90 Books" in got[0] and "10%" in got[0]

@@ -49,9 +49,10 @@ def test_drop_fractions_are_hit_per_domain_and_recorded(model_dir, sample_dir):
         reach_ads = t["docs_in"] - t["malformed"] - t["removed"].get("length", 0)
         if d in fractions:
             assert abs(ads - fractions[d] * reach_ads) <= 1, (d, t)
-        reach_dis = reach_ads - ads
-        # the sample is small enough to be calibrated on whole, so the run removes exactly that
-        assert abs(t["removed"].get("disfluency", 0) - 0.15 * reach_dis) <= 1, (d, t)
+        # the KenLM cut sees what the ads filter and the fluency classifier keep; the sample is small
+        # enough to be calibrated on whole, so the run removes exactly that
+        reach_ppl = reach_ads - ads - t["removed"].get("disfluency:fluency", 0)
+        assert abs(t["removed"].get("disfluency:perplexity", 0) - 0.15 * reach_ppl) <= 1, (d, t)
     ads_cfg, dis_cfg = m["config"]["ads"], m["config"]["disfluency"]
     assert ads_cfg["drop_fraction"] is None and set(fractions) <= set(ads_cfg["thresholds"])
     assert ads_cfg["calibrated"]["drop_fraction"] == fractions
@@ -67,7 +68,9 @@ def test_drop_fractions_are_hit_per_domain_and_recorded(model_dir, sample_dir):
             limit = dis_cfg["max_perplexity"].get(d, dis_cfg["max_perplexity"]["default"])
             assert (g["perplexity"] <= limit).all() and (g["disfluency_score"] < 0.9).all()
     rejected = pq.read_table(out / "rejected").to_pandas() if (out / "rejected").is_dir() else None
-    assert rejected is not None and set(rejected["reason"]) == {"ads", "disfluency"}
+    assert rejected is not None
+    assert set(rejected["reason"]) == {"ads", "disfluency:perplexity", "disfluency:fluency"}
+    assert set(m["totals"]["removed"]) == {"ads", "disfluency:perplexity", "disfluency:fluency"}
 
     # a re-run reuses the calibrated thresholds and skips the finished shards
     again = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")

@@ -1,0 +1,86 @@
+"""A filter defined in one file of its own (`filters.base.ThresholdFilter`, listed under `plugins:`)
+runs through `curate filter`, per-domain calibration and `curate manifest` with no other module
+naming it."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from conftest import curate
+
+PLUGIN = '''
+"""Share of capital letters among a document's letters."""
+import numpy as np
+
+from filters.base import ThresholdFilter
+
+
+class CapsFilter(ThresholdFilter):
+    section = "caps"
+    column = "caps_score"
+    keep_if = "low"
+    options = {"min_letters": 1}
+
+    def score(self, texts, domains):
+        out = np.full(len(texts), np.nan)
+        for i, t in enumerate(texts):
+            letters = [c for c in t if c.isalpha()]
+            if len(letters) >= self.settings["min_letters"]:
+                out[i] = sum(c.isupper() for c in letters) / len(letters)
+        return {self.column: out}
+
+
+FILTER = CapsFilter
+'''
+
+
+def test_single_file_filter_runs_through_filter_calibration_and_manifest(sample_dir, tmp_path):
+    (tmp_path / "caps_filter.py").write_text(textwrap.dedent(PLUGIN))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""),
+                                                         str(Path(__file__).resolve().parents[1])])}
+    config = tmp_path / "filters.yaml"
+    config.write_text(yaml.safe_dump({"plugins": ["caps_filter"],
+                                      "caps": {"drop_fraction": {"C4": 0.1, "Books": 0.2}, "min_letters": 5}}))
+    out = tmp_path / "out"
+    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
+                  "--no-progress", env=env)
+    assert "calibrated caps" in proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert "caps_score" in m["columns"] and m["filters"][-1]["reason"] == "caps"
+    assert m["config"]["caps"]["calibrated"]["drop_fraction"] == {"C4": 0.1, "Books": 0.2}
+    for d, f in (("C4", 0.1), ("Books", 0.2)):
+        t = m["totals"]["by_domain"][d]
+        reach = t["docs_in"] - t["malformed"] - t["removed"].get("length", 0)
+        assert abs(t["removed"]["caps"] - f * reach) <= 1, t
+    assert "caps" not in m["totals"]["by_domain"]["ArXiv"]["removed"]     # no threshold there: kept
+    kept = pq.read_table(glob.glob(str(out / "kept" / "*" / "*.parquet"))).to_pandas()
+    rejected = pq.read_table(out / "rejected").to_pandas()
+    assert kept["caps_score"].notna().mean() > 0.9
+    c4 = kept["domain"] == "C4"
+    assert (rejected.loc[rejected["domain"] == "C4", "caps_score"] > kept.loc[c4, "caps_score"].max()).all()
+
+    shown = curate("manifest", out, env=env).stdout
+    assert "removed: caps" in shown
+    again = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
+                   "--no-progress", env=env)
+    assert "reusing the thresholds" in again.stderr
+
+
+def test_bad_plugin_settings_are_refused(tmp_path):
+    (tmp_path / "caps_filter.py").write_text(textwrap.dedent(PLUGIN))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+    for cfg, message in (({"plugins": ["caps_filter"], "caps": {"drop_fraction": 0.1, "min_leters": 3}}, "caps.min_leters"),
+                         ({"plugins": ["caps_filter"], "caps": {"threshold": 1.5}}, "caps.threshold"),
+                         ({"plugins": ["caps_filter"], "caps": {"min_letters": "many", "threshold": 0.5}}, "caps.min_letters"),
+                         ({"plugins": ["no_such_module"]}, "no_such_module"),
+                         ({"caps": {"threshold": 0.5}}, "unknown key")):
+        config = tmp_path / "f.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        proc = curate("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False, env=env)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
