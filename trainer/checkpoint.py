@@ -179,7 +179,7 @@ def find_resume_checkpoint(run_dir: str | Path, config: dict, config_hash: str,
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return _load_data(path / "trainer.pt", "trainer state", ("optimizer",))
+    return _load_data(path / "trainer.pt", "trainer state", ())
 
 
 def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
