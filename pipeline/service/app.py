@@ -108,7 +108,8 @@ def create_app(svc: Service) -> FastAPI:
                                     headers={"WWW-Authenticate": "Bearer"})
         elif path not in ("/login",) and not path.startswith("/static/"):
             if not (svc.bearer_ok(request) or svc.cookie_ok(request)):
-                return HTMLResponse(_login_page(path), 401)
+                # the login form in place of the page (200: it is a page to show, and carries no data)
+                return HTMLResponse(_login_page(path), 200, headers={"Cache-Control": "no-store"})
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Content-Security-Policy",
@@ -228,7 +229,7 @@ def _page(title: str, view: str, data: dict) -> str:
     # data travels in a data- attribute (escaped), never as inline script: the CSP forbids inline code
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)} · curate serve</title><link rel="stylesheet" href="/static/style.css"></head>
+<title>{escape(title)} · curate serve</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/static/style.css"></head>
 <body><header><a href="/" class="brand">curate serve</a><span class="title">{escape(title)}</span>
 <form method="post" action="/logout"><button>log out</button></form></header>
 <main id="app" data-view="{escape(view)}" data-args="{escape(json.dumps(data))}"></main>
@@ -240,7 +241,7 @@ def _login_page(next_path: str, message: str = "") -> str:
     msg = f'<p class="error">{escape(message)}</p>' if message else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>log in · curate serve</title>
-<link rel="stylesheet" href="/static/style.css"></head>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/style.css"></head>
 <body><main class="login"><h1>curate serve</h1>{msg}
 <form method="post" action="/login"><label>token <input type="password" name="token" autofocus
 autocomplete="current-password"></label><input type="hidden" name="next" value="{escape(next_path)}">

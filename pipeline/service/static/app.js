@@ -124,7 +124,7 @@
     const wsec = section("Domain weights", "weights"), lsec = section("Per-domain held-out loss", "eval-loss");
     const tsec = section("Training loss", "train-loss"), rsec = section("Expert load", "expert-load");
     const wbox = box(wsec), lbox = box(lsec), tbox = box(tsec), rbox = box(rsec, "layers");
-    const wleg = box(wsec, "legendbox");
+    const wleg = box(wsec, "legendbox"), lleg = box(lsec, "legendbox");
     loop(async () => {
       const [w, m, r] = await Promise.all([api(`/api/runs/${name}/weights`), api(`/api/runs/${name}/metrics`),
                                           api(`/api/runs/${name}/routing`)]);
@@ -134,6 +134,7 @@
       Charts.line(lbox, domains.map(d => ({name: d, points: w.records.filter(x => x.eval_loss && x.eval_loss[d] != null)
                                             .map(x => [x.tokens, x.eval_loss[d]])})), {xLabel: "tokens"});
       wleg.replaceChildren(); Charts.legend(wleg, domains);
+      lleg.replaceChildren(); Charts.legend(lleg, domains);
       Charts.line(tbox, [{name: "loss", points: m.records.filter(x => x.loss != null).map(x => [x.tokens, x.loss])}],
                   {xLabel: "tokens"});
       rbox.replaceChildren();
