@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curves": ("samplers.curves", "plot domain-weight and per-domain loss curves of a run"),
     "export": ("trainer.export", "export a checkpoint to Hugging Face Mixtral format"),
     "routing": ("trainer.routing", "per-layer domain x expert routing analysis"),
+    "serve": ("pipeline.serve", "the pipeline as a service: a job queue, progress and run curves over HTTP"),
+    "jobs": ("pipeline.jobs_client", "submit, list, show, wait for or cancel jobs of a `curate serve`"),
     "demo": ("pipeline.demo", "the whole chain on the embedded sample"),
 }
 

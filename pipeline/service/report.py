@@ -1,0 +1,89 @@
+"""A filter job's report for its page: the per-domain kept/removed table and the score histograms.
+
+`score_histograms` reads the score columns of the output's Parquet files itself; it is the one place to
+swap for `curate inspect`'s histograms (pipeline/inspect.py) once that lands.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+_NOT_SCORES = {"line"}
+BINS = 24
+
+
+def domain_table(out: Path, shard_ids: list[str]) -> dict:
+    """{"by_domain": {domain: {docs_in, kept, removed: {reason: n}, malformed}}, "reasons": [...]}, from
+    the manifest when the run finished, else summed over the shard markers written so far."""
+    try:
+        by_domain = json.loads((out / "manifest.json").read_text())["totals"]["by_domain"]
+    except (OSError, ValueError, KeyError):
+        by_domain = {}
+        for sid in shard_ids:
+            try:
+                m = json.loads((out / "shards" / f"{sid}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if m.get("status") != "done":
+                continue
+            for dom, t in m.get("by_domain", {}).items():
+                acc = by_domain.setdefault(dom, {"docs_in": 0, "kept": 0, "removed": {}, "malformed": 0})
+                acc["docs_in"] += t.get("docs_in", 0)
+                acc["kept"] += t.get("kept", 0)
+                acc["malformed"] += t.get("malformed", 0)
+                for r, n in t.get("removed", {}).items():
+                    acc["removed"][r] = acc["removed"].get(r, 0) + n
+    reasons = sorted({r for t in by_domain.values() for r in t.get("removed", {})})
+    return {"by_domain": by_domain, "reasons": reasons}
+
+
+def _score_columns(schema) -> list[str]:
+    import pyarrow as pa
+
+    return [f.name for f in schema if f.name not in _NOT_SCORES and pa.types.is_floating(f.type)]
+
+
+def score_histograms(out: Path) -> dict:
+    """{column: {"log10": bool, "edges": [...], "domains": {domain: {"kept": [...], "removed": [...]}}}}."""
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    files = [(p, "kept") for p in sorted((out / "kept").glob("*/**/*.parquet"))]
+    files += [(p, "removed") for p in sorted((out / "rejected").glob("*.parquet"))]
+    for path, side in files:
+        if path.name.startswith("."):
+            continue
+        try:
+            schema = pq.read_schema(path)
+            cols = _score_columns(schema)
+            if not cols or "domain" not in schema.names:
+                continue
+            table = pq.read_table(path, columns=["domain", *cols])
+        except OSError:
+            continue                   # being written: the next poll reads it
+        domains = table.column("domain").to_pylist()
+        for c in cols:
+            for dom, v in zip(domains, table.column(c).to_pylist()):
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    continue
+                values.setdefault(c, {}).setdefault(dom or "?", {"kept": [], "removed": []})[side].append(v)
+    out_h = {}
+    for c, per_dom in values.items():
+        log = c == "perplexity"
+        tf = (lambda x: math.log10(max(x, 1e-9))) if log else (lambda x: x)
+        allv = [tf(v) for d in per_dom.values() for s in d.values() for v in s]
+        lo, hi = min(allv), max(allv)
+        if hi <= lo:
+            hi = lo + 1.0
+        edges = [lo + (hi - lo) * i / BINS for i in range(BINS + 1)]
+        doms = {}
+        for dom, sides in sorted(per_dom.items()):
+            doms[dom] = {}
+            for side, vs in sides.items():
+                counts = [0] * BINS
+                for v in vs:
+                    counts[min(BINS - 1, int((tf(v) - lo) / (hi - lo) * BINS))] += 1
+                doms[dom][side] = counts
+        out_h[c] = {"log10": log, "edges": edges, "domains": doms}
+    return out_h
