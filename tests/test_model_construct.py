@@ -6,8 +6,8 @@ import torch
 
 from common.errors import CurateError
 from trainer.construct import (METHODS, ConvertSettings, balanced_assign, balanced_kmeans, build_moe,
-                               calibration_tokens, neuron_use, random_partition, sharing_inner_partition,
-                               taylor_scores)
+                               calibration_tokens, cluster_calibration, generated_calibration, neuron_use,
+                               random_partition, sharing_inner_partition, taylor_scores)
 from trainer.model import LlamaMoE, ModelConfig
 
 FFN = 96
@@ -107,20 +107,46 @@ def test_default_scale_is_experts_over_top_k():
     assert cfg.moe.scale == 2.0
 
 
-def test_taylor_scores_are_weight_times_gradient_per_neuron():
+def test_taylor_scores_are_activation_times_gradient_per_token():
     model = dense_model()
     seqs = calib(4)
     scores = taylor_scores(model, [seqs[:2], seqs[2:]])
     assert scores.shape == (2, 2, FFN)
-    model.zero_grad()
-    model(seqs[2:, :-1], labels=seqs[2:, 1:]).loss.backward()
+    # by hand: the down projection's input h of layer 1, and dL/dh for the summed loss over group 2's tokens
     mlp = model.layers[1].mlp
-    j = 17
-    manual = ((mlp.gate_proj.weight[j] * mlp.gate_proj.weight.grad[j]).abs().sum()
-              + (mlp.up_proj.weight[j] * mlp.up_proj.weight.grad[j]).abs().sum()
-              + (mlp.down_proj.weight[:, j] * mlp.down_proj.weight.grad[:, j]).abs().sum())
-    assert torch.allclose(scores[1, 1, j], manual, rtol=1e-5)
+    captured = []
+    hook = mlp.down_proj.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    x = seqs[2:]
+    out = model(x[:, :-1], labels=x[:, 1:])
+    hook.remove()
+    (grad,) = torch.autograd.grad(out.loss * x[:, 1:].numel(), captured[0])
+    manual = (captured[0] * grad).abs().sum((0, 1))          # per token, then summed over tokens
+    assert torch.allclose(scores[1, 1], manual.detach(), rtol=1e-4, atol=1e-6)
+    # not the same as the absolute value after summing over tokens (what weight-level scores amount to)
+    assert not torch.allclose(scores[1, 1], (captured[0] * grad).sum((0, 1)).abs().detach(), rtol=1e-2)
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+
+
+def test_sharing_groups_are_clusters_of_different_calibration_text():
+    model = dense_model()
+    gen = torch.Generator().manual_seed(1)
+    # two kinds of "text", interleaved: sequences over two disjoint small vocabularies (ids 0-4 and 40-44)
+    low, high = torch.randint(0, 5, (6, 33), generator=gen), torch.randint(40, 45, (6, 33), generator=gen)
+    seqs = torch.stack([low, high], 1).reshape(12, 33)
+    groups = cluster_calibration(model, seqs, 2, torch.Generator().manual_seed(0))
+    kinds = [set((g[:, 0] >= 40).tolist()) for g in groups]
+    assert sorted(map(sorted, kinds)) == [[False], [True]]     # each group is one kind, and they differ
+    # and the experts built from them differ: importance measured per group
+    scores = taylor_scores(model, groups)
+    assert not torch.allclose(scores[:, 0], scores[:, 1], rtol=0.05)
+
+
+def test_without_calibration_data_sharing_uses_text_the_model_writes_not_random_tokens(tmp_path):
+    model = dense_model()
+    a = generated_calibration(model, 3, 10, seed=0)
+    assert a.shape == (3, 11) and torch.equal(a, generated_calibration(model, 3, 10, seed=0))
+    with pytest.raises(CurateError, match="--calib-data"):
+        calibration_tokens(None, tmp_path, model.cfg, 4, 16, seed=0)
 
 
 def test_bad_settings_are_refused_with_the_reason():
@@ -147,8 +173,6 @@ def test_calibration_from_text_with_the_models_tokenizer(tmp_path):
     ids, note = calibration_tokens(tmp_path / "calib.txt", tmp_path / "dense", cfg, 4, 16, seed=0)
     assert ids.shape == (4, 17) and "calib.txt" in note
     assert ids.max() < 12 and len(set(ids.flatten().tolist())) > 5  # real words, not random ids
-    rand, note = calibration_tokens(None, tmp_path / "dense", cfg, 4, 16, seed=0)
-    assert "random tokens" in note and rand.shape == (4, 17)
     with pytest.raises(CurateError, match="no such file"):
         calibration_tokens(tmp_path / "nope.txt", tmp_path / "dense", cfg, 4, 16, seed=0)
 

@@ -5,7 +5,7 @@
       path: DIR                   # `curate convert` output, HF LLaMA dir, .gguf, or a model config (random init)
       # or, to convert a dense model on the fly:
       dense: PATH
-      convert: {experts: 8, top_k: 2, method: independent-random, gate: noisy-mlp}
+      convert: {experts: 8, top_k: 2, method: independent-random, gate: noisy-linear}
     data: {tokens: TOKDIR, seq_len: 512, micro_batch_size: 8, global_batch_tokens: 65536}
     sampler: {kind: dynamic, preset: sheared, rule: sheared-paper, reweight_every_tokens: 1000000}
     optim: {lr: 2.0e-4, min_lr_ratio: 0.1, warmup_steps: 100, betas: [0.9, 0.95], weight_decay: 0.1, clip: 1.0}
@@ -44,11 +44,11 @@ class ConvertConfig:
     experts: int = 8
     top_k: int = 2
     method: str = "independent-random"
-    gate: str = "noisy-mlp"
-    gate_init: str | None = None        # None: zero for noisy-mlp, random for linear (as curate convert)
+    gate: str = "noisy-linear"          # noisy-linear | linear | noisy-mlp (as curate convert)
+    gate_init: str = "random"           # random | zero
     scale: float | None = None          # None: experts / top_k (the paper's rescale)
     seed: int = 0
-    balance_loss: str = "cv2"           # cv2 | switch | none
+    balance_loss: str = "cv2"           # cv2 | switch | bias | none
     shared_size: int | None = None      # sharing-inter only
     calib_data: str | None = None       # sharing-*: a `curate tokenize` dir or a text file
     calib_seqs: int = 4
@@ -61,8 +61,6 @@ class ConvertConfig:
             raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
         _choice(self.method, METHODS, f"{where}.method")
         _choice(self.gate, GATES, f"{where}.gate")
-        if self.gate_init is None:
-            self.gate_init = "zero" if self.gate == "noisy-mlp" else "random"
         _choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
         if self.scale is not None and not self.scale > 0:
             raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
@@ -139,6 +137,21 @@ class OptimSection:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher (the dense model, usually): loss += weight * T^2 * KL(teacher || student)
+    on the softened next-token distributions of the same batch."""
+    teacher: str = ""                   # any model `load_model` reads (HF dir, .gguf, our model dir)
+    weight: float = 1.0
+    temperature: float = 1.0
+
+    def check(self, where: str) -> None:
+        if not self.teacher:
+            raise CurateError(f"{where}.teacher is required: the model to distil from (e.g. the dense model)")
+        _non_negative(self.weight, f"{where}.weight")
+        _positive(self.temperature, f"{where}.temperature")
+
+
+@dataclass
 class TrainSection:
     max_steps: int | None = None        # optimizer steps; or give max_tokens
     max_tokens: int | None = None
@@ -155,6 +168,7 @@ class TrainSection:
     parallel: str = "auto"              # auto: ddp under torchrun with >1 rank, else none
     dataloader_workers: int = 0
     peak_flops: float | None = None     # per device, for MFU; None: known GPUs only (null on CPU)
+    distill: DistillConfig | None = None     # {teacher: PATH, weight, temperature}; None: no distillation
 
     def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
@@ -176,6 +190,8 @@ class TrainSection:
         _non_negative(self.dataloader_workers, "train.dataloader_workers")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise CurateError(f"train.peak_flops must be > 0, got {self.peak_flops}")
+        if self.distill is not None:
+            self.distill.check("train.distill")
 
 
 @dataclass
@@ -200,6 +216,8 @@ class TrainConfig:
         d["optim"]["betas"] = list(d["optim"]["betas"])
         if d["model"].get("convert") is None:
             d["model"].pop("convert")
+        if d["train"].get("distill") is None:     # absent rather than null: older runs' hashes stay valid
+            d["train"].pop("distill")
         return d
 
     def hash(self) -> str:
@@ -289,6 +307,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> TrainCo
     convert = (raw.get("model") or {}).get("convert")
     if isinstance(convert, dict) and convert.get("calib_data") is not None:
         convert["calib_data"] = _resolve(base, convert["calib_data"], "model.convert.calib_data")
+    distill = (raw.get("train") or {}).get("distill")
+    if isinstance(distill, dict) and distill.get("teacher"):
+        distill["teacher"] = _resolve(base, distill["teacher"], "train.distill.teacher")
     sampler = raw.get("sampler")
     if isinstance(sampler, dict):
         # file-valued sampler keys; named values (llama2-7b, measure, slimpajama) stay as they are

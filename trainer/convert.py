@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.errors import CurateError
 from trainer.construct import METHODS
+from trainer.moe import GATES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,16 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, required=True, metavar="N", help="experts per layer")
     p.add_argument("--top-k", type=int, required=True, metavar="K", help="experts each token is routed to")
     p.add_argument("--method", required=True, choices=METHODS, help="expert construction method")
-    p.add_argument("--gate", choices=("linear", "noisy-mlp"), default="noisy-mlp",
-                   help="linear: Mixtral's router (exportable); noisy-mlp: LLaMA-MoE's (default)")
-    p.add_argument("--gate-init", choices=("zero", "random"), default=None,
-                   help="default: zero for noisy-mlp (its training noise breaks ties), random for linear "
-                        "(a zero linear gate sends every token to the same experts until it learns)")
+    p.add_argument("--gate", choices=GATES, default="noisy-linear",
+                   help="noisy-linear (default): a linear router with learned noise in training only, exports "
+                        "to Mixtral; linear: Mixtral's router, no noise; noisy-mlp: LLaMA-MoE's exact gate "
+                        "(Linear-Tanh-Linear, not exportable)")
+    p.add_argument("--gate-init", choices=("zero", "random"), default="random",
+                   help="random (default): nn.Linear's init, as LLaMA-MoE; zero: every logit 0, which ties "
+                        "every expert (with top-k < experts all tokens go to the same experts at first)")
     p.add_argument("--scale", type=float, default=None, metavar="F",
                    help="expert output rescale (default experts/top-k, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="partition, gate and calibration seed (default 0)")
-    p.add_argument("--balance-loss", choices=("cv2", "switch", "none"), default="cv2",
-                   help="cv2: CV^2(importance) + CV^2(load) (LLaMA-MoE, default); switch: Switch Transformer's")
+    p.add_argument("--balance-loss", choices=("cv2", "switch", "bias", "none"), default="cv2",
+                   help="cv2: CV^2(importance) + CV^2(load) (LLaMA-MoE, default); switch: Switch Transformer's; "
+                        "bias: no auxiliary loss, a per-expert selection bias follows the load (DeepSeek-V3)")
     p.add_argument("--shared-size", type=int, default=None, metavar="N",
                    help="sharing-inter: neurons in the always-on shared part (default: about one expert)")
     p.add_argument("--calib-data", default=None, metavar="PATH",
@@ -58,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("experts", "top_k", "calib_seqs", "calib_len"):
         if getattr(args, name) < 1:
             raise CurateError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    gate_init = args.gate_init or ("zero" if args.gate == "noisy-mlp" else "random")
-    if args.gate == "linear" and gate_init == "zero" and args.top_k < args.experts:
+    gate_init = args.gate_init
+    if args.gate != "noisy-mlp" and gate_init == "zero" and args.top_k < args.experts:
         print("note: a zero linear gate ties every expert, so every token goes to the same experts "
               "until the gate learns; use --gate-init random for training", file=sys.stderr)
 
