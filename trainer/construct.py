@@ -328,6 +328,61 @@ def _log_summary(log, cfg: ModelConfig, intermediate: int) -> None:
     log(f"parameters (non-embedding): {p['total'] / 1e6:.1f}M total, {p['active'] / 1e6:.1f}M active per token")
 
 
+# ------------------------------------------------------------------------------------- fitted router
+
+@torch.no_grad()
+def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch_size: int = 8,
+                log: Callable[[str], None] = print) -> list[float]:
+    """Fit each layer's linear gate so its top-k picks the experts that carry the dense FFN's output.
+
+    On the calibration tokens, for layer l: x = the dense FFN's input, and per expert e the log of the
+    norm of its (scaled) output on x, centred over the experts -- which experts matter for this token.
+    The gate is the ridge regression of those targets on x (one closed-form solve), so W x ranks the
+    experts as their outputs do and the softmax over the top k weighs them by output size.
+    Returns, per layer, the fraction of tokens whose top-k set the fitted gate gets exactly right."""
+    inputs: dict[int, list[torch.Tensor]] = {l: [] for l in range(len(dense.layers))}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, inp, l=l: inputs[l].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for l, layer in enumerate(dense.layers)]
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            dense(calibration[start:start + batch_size, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+    agreement = []
+    for l, mlp in moe.moe_layers().items():
+        x = torch.cat(inputs[l]).float()
+        ex = mlp.experts
+        norms = torch.stack([expert_output(x, ex.gate_up_proj[e].float(), ex.down_proj[e].float()).norm(dim=-1)
+                             for e in range(ex.num_experts)], 1)
+        z = norms.clamp_min(1e-12).log()
+        z = z - z.mean(1, keepdim=True)
+        gram = x.T @ x
+        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1])
+        w = torch.linalg.solve(gram + ridge, x.T @ z)            # [H, E]
+        mlp.router.gate.weight.copy_(w.T.to(mlp.router.gate.weight.dtype))
+        k = mlp.cfg.top_k
+        want = z.topk(k, dim=1).indices.sort(1).values
+        got = (x @ w).topk(k, dim=1).indices.sort(1).values
+        agreement.append(float((want == got).all(1).float().mean()))
+    log(f"fitted routers on {calibration.shape[0]} x {calibration.shape[1] - 1} tokens: the gate's top-k matches "
+        f"the experts with the largest outputs for {sum(agreement) / len(agreement):.0%} of tokens "
+        f"(layers {min(agreement):.0%}-{max(agreement):.0%}; random: {_chance(moe):.0%})")
+    return agreement
+
+
+def expert_output(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert on x (rows of gate_up: gate then up projection)."""
+    g, u = (x @ gate_up.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u) @ down.T
+
+
+def _chance(moe: LlamaMoE) -> float:
+    from math import comb
+    m = next(iter(moe.moe_layers().values())).cfg
+    return 1.0 / comb(m.num_experts, m.top_k)
+
+
 # ---------------------------------------------------------------------------------- calibration data
 
 def calibration_tokens(source: str | Path | None, dense_path: str | Path, cfg: ModelConfig, num_seqs: int,
@@ -420,7 +475,9 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
     if cfg.moe is not None:
         raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
     calib = note = None
-    if method.startswith("sharing"):
+    if gate_init == "fitted" and gate == "noisy-mlp":
+        raise CurateError("--gate-init fitted fits a linear router; use --gate noisy-linear or linear with it")
+    if method.startswith("sharing") or gate_init == "fitted":
         n, T = experts * calib_seqs_per_expert, min(calib_len, cfg.max_seq_len)
         if calib_data is None:
             # not random tokens: text the dense model writes itself (see generated_calibration)
@@ -432,4 +489,8 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
             log(f"calibration: {note}")
     elif calib_data is not None:
         log(f"note: --calib-data is not used by {method}")
-    return build_moe(model, s, calib, note, log)
+    moe, moe_cfg = build_moe(model, s, calib if method.startswith("sharing") else None, note, log)
+    if gate_init == "fitted":
+        fit_routers(model, moe, calib, log=log)
+        moe_cfg.moe.calibration = note
+    return moe, moe_cfg

@@ -31,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noisy-linear (default): a linear router with learned noise in training only, exports "
                         "to Mixtral; linear: Mixtral's router, no noise; noisy-mlp: LLaMA-MoE's exact gate "
                         "(Linear-Tanh-Linear, not exportable)")
-    p.add_argument("--gate-init", choices=("zero", "random"), default="random",
+    p.add_argument("--gate-init", choices=("random", "zero", "fitted"), default="random",
                    help="random (default): nn.Linear's init, as LLaMA-MoE; zero: every logit 0, which ties "
-                        "every expert (with top-k < experts all tokens go to the same experts at first)")
+                        "every expert (with top-k < experts all tokens go to the same experts at first); "
+                        "fitted: each layer's linear gate fitted on calibration tokens to pick the experts "
+                        "with the largest outputs (uses --calib-data)")
     p.add_argument("--scale", type=float, default=None, metavar="F",
                    help="expert output rescale (default experts/top-k, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="partition, gate and calibration seed (default 0)")
@@ -43,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-size", type=int, default=None, metavar="N",
                    help="sharing-inter: neurons in the always-on shared part (default: about one expert)")
     p.add_argument("--calib-data", default=None, metavar="PATH",
-                   help="sharing-*: a `curate tokenize` directory or a text file (.txt/.jsonl) for the importance "
-                        "scores; without it random tokens are used")
+                   help="sharing-* and --gate-init fitted: a `curate tokenize` directory or a text file "
+                        "(.txt/.jsonl); without it, text sampled from the dense model itself")
     p.add_argument("--calib-seqs", type=int, default=4, metavar="N", help="calibration sequences per expert (default 4)")
     p.add_argument("--calib-len", type=int, default=128, metavar="T", help="calibration sequence length (default 128)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")

@@ -28,7 +28,8 @@ from common.errors import CurateError
 from trainer.kernels import swiglu_weighted
 
 GATES = ("noisy-linear", "linear", "noisy-mlp")
-GATE_INITS = ("zero", "random")
+# "fitted": random, then fitted to the dense model's expert outputs by `curate convert` (construct.fit_routers)
+GATE_INITS = ("random", "zero", "fitted")
 # "bias": no auxiliary loss; a per-expert bias on the selection logits follows the load (DeepSeek-V3)
 BALANCE_LOSSES = ("cv2", "switch", "bias", None)
 EXPERT_IMPLS = ("auto", "grouped", "loop")
