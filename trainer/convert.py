@@ -76,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
         balance_loss=None if args.balance_loss == "none" else args.balance_loss, shared_size=args.shared_size,
         calib_data=args.calib_data, calib_seqs_per_expert=args.calib_seqs, calib_len=args.calib_len)
     tokenizer = load_tokenizer(args.dense)
+    from trainer.preflight import tokenizer_sha256
     record = {"conversion": {
         "dense": str(Path(args.dense).resolve()),
+        "tokenizer_sha256": tokenizer_sha256(args.dense),      # `curate train` compares it with the tokens'
+
         "command": "curate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,

@@ -134,6 +134,10 @@ class Trainer:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
         found = self.find_checkpoint(resume)
         checkpoint = found[0] if found else None
+        if checkpoint is None:          # a resumed run passed these checks when it started
+            from trainer.preflight import check_reference_losses, check_tokenizers
+            check_tokenizers(cfg.model, cfg.data.tokens)
+            check_reference_losses(cfg.sampler, cfg.data.tokens)
         seed_everything(t.seed)                 # the same initial weights on every rank
         model, self.model_cfg = self.build_model(checkpoint)
         if self.tokens.vocab_size > self.model_cfg.vocab_size:
