@@ -76,7 +76,7 @@ def dense_losses(gguf: Path, tokens: Path, seq_len: int, batch: int, batches: in
             for d in packed.domains}
     bf16 = device.type == "cuda"
     return evaluate_domains(model, seqs, batch_size=batch, max_batches=batches, ctx=DistContext(device=device),
-                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
+                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))[0]
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common.errors import CurateError
 
-WEIGHTS_FILE, METRICS_FILE = "domain_weights.jsonl", "metrics.jsonl"
+WEIGHTS_FILE, METRICS_FILE, ROUTING_FILE = "domain_weights.jsonl", "metrics.jsonl", "routing.jsonl"
+DEAD_SHARE = 0.01
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,8 +108,15 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pat
     colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(domains)}
     end = max([r["tokens"] for r in weights] + [m["tokens"] for m in metrics])
 
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5), constrained_layout=True)
-    (ax_w, ax_l), (ax_x, ax_t) = axes
+    routing = read_jsonl(run_dir / ROUTING_FILE) if (run_dir / ROUTING_FILE).is_file() else []
+    routing = [r for r in routing if isinstance(r.get("layers"), dict) and r["layers"] and "tokens" in r]
+    if routing:
+        fig, axes = plt.subplots(3, 2, figsize=(14, 14), constrained_layout=True)
+        (ax_w, ax_l), (ax_x, ax_t), (ax_min, ax_max) = axes
+        _plot_routing(fig, ax_min, ax_max, routing)
+    else:
+        fig, axes = plt.subplots(2, 2, figsize=(14, 9.5), constrained_layout=True)
+        (ax_w, ax_l), (ax_x, ax_t) = axes
     fig.suptitle(f"{run_dir.resolve().name}: domain weights and losses", fontsize=15, fontweight="bold")
 
     # weights: a step function, each record in effect until the next one
@@ -176,6 +184,37 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pat
     page = png.with_suffix(".html")
     write_atomic(page, _html(run_dir, buf.getvalue(), weights, domains, reference).encode())
     return png, page
+
+
+def _plot_routing(fig, ax_min, ax_max, routing: list[dict]) -> None:
+    """Router health from RUN/routing.jsonl: per layer (colour = depth), the smallest and the largest
+    expert's share of the held-out assignments at each evaluation."""
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    layers = sorted({int(k) for r in routing for k in r["layers"]})
+    norm = Normalize(min(layers), max(max(layers), min(layers) + 1))
+    cmap = plt.get_cmap("viridis")
+    xs = [r["tokens"] for r in routing]
+    for layer in layers:
+        shares = [r["layers"].get(str(layer)) for r in routing]
+        pts = [(x, v) for x, v in zip(xs, shares) if v]
+        if not pts:
+            continue
+        ax_min.plot([x for x, _ in pts], [min(v) for _, v in pts], color=cmap(norm(layer)), lw=1, marker=".")
+        ax_max.plot([x for x, _ in pts], [max(v) for _, v in pts], color=cmap(norm(layer)), lw=1, marker=".")
+    last = routing[-1]["layers"]
+    starved = sum(v < DEAD_SHARE for shares in last.values() for v in shares)
+    uniform = 1 / len(next(iter(last.values())))
+    ax_min.axhline(DEAD_SHARE, color="red", ls="--", lw=1)
+    ax_min.set(title=f"Smallest expert share per layer ({starved} experts under {DEAD_SHARE:.0%} at the last "
+                     "evaluation; red: 1%)", ylabel="share of held-out assignments", ylim=(0, None))
+    worst = max(last, key=lambda k: max(last[k]))
+    ax_max.axhline(uniform, color="gray", ls=":", lw=1)
+    ax_max.set(title=f"Largest expert share per layer (last: {max(last[worst]):.0%} in layer {worst}; "
+                     f"dotted: uniform {uniform:.1%})", ylabel="share of held-out assignments", ylim=(0, None))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_min, ax_max], label="layer", shrink=0.9)
 
 
 def _html(run_dir: Path, png: bytes, weights: list[dict], domains: list[str], reference) -> str:

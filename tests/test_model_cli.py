@@ -65,6 +65,22 @@ def test_zero_gate_full_top_k_export_reproduces_the_dense_llama(dense_dir, tmp_p
         assert (dense(x).logits - mixtral(x).logits).abs().max().item() < 1e-4
 
 
+def test_default_conversion_exports_and_mixtral_gives_our_logits(dense_dir, tmp_path):
+    curate("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 2,
+           "--method", "independent-random")           # only the required flags: the noisy-linear gate
+    moe = json.loads((tmp_path / "moe" / "config.json").read_text())["model"]["moe"]
+    assert (moe["gate"], moe["gate_init"]) == ("noisy-linear", "random")
+    curate("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
+    ours, _ = load_model(tmp_path / "moe")
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = tokens()
+    with torch.no_grad():
+        a, b = ours.eval()(x).logits, mixtral(x).logits
+    assert (a - b).abs().max().item() < 1e-4
+    # random gate weights: the experts do not all see the same tokens
+    assert len({tuple(v.tolist()) for v in ours.expert_load().values()}) > 1
+
+
 def test_sharing_inner_exports_but_noisy_gates_and_shared_parts_are_refused(dense_dir, tmp_path):
     curate("convert", "--dense", dense_dir, "--out", tmp_path / "inner", "--experts", 4, "--top-k", 2,
            "--method", "sharing-inner", "--gate", "linear")
@@ -72,15 +88,15 @@ def test_sharing_inner_exports_but_noisy_gates_and_shared_parts_are_refused(dens
     assert (tmp_path / "inner-hf" / "config.json").is_file()
 
     proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "noisy", "--experts", 4, "--top-k", 2,
-                  "--method", "independent-random")           # default gate: noisy-mlp
+                  "--method", "independent-random", "--gate", "noisy-mlp")
     assert "calibration" not in proc.stdout
     refused = curate("export", tmp_path / "noisy", "--format", "hf-mixtral", "--out", tmp_path / "x", check=False)
-    assert refused.returncode == 2 and "--gate linear" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "--gate noisy-linear" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "x").exists()
 
     proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "inter", "--experts", 4, "--top-k", 2,
                   "--method", "sharing-inter", "--gate", "linear")
-    assert "random tokens" in proc.stdout  # says that no calibration data was given
+    assert "sampled from the dense model" in proc.stdout  # says that no calibration data was given
     refused = curate("export", tmp_path / "inter", "--format", "hf-mixtral", "--out", tmp_path / "y", check=False)
     assert refused.returncode == 2 and "shared" in refused.stderr
 

@@ -36,12 +36,12 @@ def tokdir(sample_dir, tmp_path_factory) -> Path:
     return root / "tokens"
 
 
-def tiny_moe(path: Path, gate: str) -> Path:
+def tiny_moe(path: Path, gate: str, **moe) -> Path:
     """A random-init 2-layer MoE config (4 experts, top-2)."""
     path.write_text(yaml.safe_dump({
         "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
         "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "expert_size": 32, "gate": gate,
-                                   "gate_init": "zero" if gate == "noisy-mlp" else "random"}}))
+                                   "gate_init": "zero" if gate == "noisy-mlp" else "random", **moe}}))
     return path
 
 
@@ -114,6 +114,12 @@ def test_loss_falls_and_the_run_has_its_files(tokdir, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_10", "step_20", "step_30"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "step 30: loss" in proc.stdout
+    assert "from " + str(tmp_path / "dense.yaml") + " converted on the fly" in proc.stdout
+    # router health: one record per evaluation, every layer's expert shares summing to 1
+    routing = [json.loads(line) for line in (run / "routing.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["tokens"]) for r in routing] == [(r["step"], r["tokens"]) for r in dw]
+    assert all(set(r["layers"]) == {"0", "1"} and all(len(v) == 4 and abs(sum(v) - 1) < 1e-6
+                                                       for v in r["layers"].values()) for r in routing)
     # the saved config is resolved and reproduces the run's identity from anywhere
     saved = load_train_config(run / "config.yaml")
     assert saved.model.dense == str(tmp_path / "dense.yaml") and saved.hash() == load_train_config(cfg).hash()
@@ -236,3 +242,42 @@ def test_torchrun_ddp_and_fsdp2_match_a_single_process(tokdir, tmp_path):
     b, _ = load_model(tmp_path / "fsdp2" / "checkpoints" / "step_8")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_a_starved_expert_is_warned_about_naming_the_layer_and_bias_balancing_revives_it(tokdir, tmp_path):
+    """A zero linear gate with top-2 of 4 sends every token to experts 0 and 1: the run warns about the
+    other two by layer. With balance_loss: bias the per-expert bias moves tokens to them (no aux loss)."""
+    def run_with(name: str, **moe) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
+        model = tiny_moe(tmp_path / f"{name}.yaml", "linear", gate_init="zero", **moe)
+        cfg = train_config(tmp_path / f"{name}-train.yaml", tokdir, {"path": str(model)}, checkpoint_every=None)
+        proc = curate("train", "--config", cfg, "--out", tmp_path / name, env=ENV)
+        routing = [json.loads(line) for line in (tmp_path / name / "routing.jsonl").read_text().splitlines()]
+        met = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return proc, routing, met
+
+    proc, routing, _ = run_with("collapsed", balance_loss="none")
+    assert routing[0]["layers"]["0"][2:] == [0.0, 0.0]
+    assert "under 1%" in proc.stdout and "layer 0: expert(s) 2 (0.0%), 3 (0.0%)" in proc.stdout
+
+    proc, routing, met = run_with("bias", balance_loss="bias", bias_rate=0.05)
+    assert all(m["aux_loss"] == 0 for m in met)               # no auxiliary loss
+    final = routing[-1]["layers"]
+    assert all(v[2] + v[3] > 0.3 for v in final.values()), final   # the starved experts took tokens back
+    from trainer.checkpoint_io import load_model
+    model, _ = load_model(tmp_path / "bias" / "checkpoints" / "step_16")
+    assert model.layers[0].mlp.router.expert_bias.abs().sum() > 0        # the bias is part of the checkpoint
+    refused = curate("export", tmp_path / "bias" / "checkpoints" / "step_16", "--format", "hf-mixtral",
+                     "--out", tmp_path / "hf", check=False)
+    assert refused.returncode == 2 and "load-balancing bias" in refused.stderr   # Mixtral has no router bias
+
+
+def test_distillation_from_a_teacher_equal_to_the_student_adds_zero_kl(tokdir, tmp_path):
+    from trainer.checkpoint_io import load_model, save_model
+    model, mcfg = load_model(tiny_moe(tmp_path / "m.yaml", "linear"))   # no gate noise: same logits
+    save_model(model, mcfg, tmp_path / "student")
+    cfg = train_config(tmp_path / "t.yaml", tokdir, {"path": str(tmp_path / "student")}, max_steps=3,
+                       checkpoint_every=None, distill={"teacher": str(tmp_path / "student"), "temperature": 2.0})
+    curate("train", "--config", cfg, "--out", tmp_path / "run", env=ENV)
+    met = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(met[0]["distill_kl"]) < 1e-6                    # before any update: identical models
+    assert met[-1]["distill_kl"] > 1e-4                         # the student has moved away since

@@ -38,11 +38,11 @@ class ConvertConfig:
     experts: int = setting(8, "experts per layer")
     top_k: int = setting(2, "experts each token is routed to")
     method: str = setting("independent-random", "independent-random | independent-clustering | sharing-inner | sharing-inter")
-    gate: str = setting("noisy-mlp", "noisy-mlp (the paper's noisy top-k) | linear")
-    gate_init: str | None = setting(None, "zero | random; null: zero for noisy-mlp, random for linear")
+    gate: str = setting("noisy-linear", "noisy-linear (linear router, softplus noise in training; exports to Mixtral) | linear | noisy-mlp (the paper's exact gate)")
+    gate_init: str = setting("random", "random (as LLaMA-MoE) | zero")
     scale: float | None = setting(None, "expert output scale; null: experts / top_k (the paper's rescale)")
     seed: int = setting(0, "seed of the neuron split and the gate initialisation")
-    balance_loss: str = setting("cv2", "cv2 (the paper's 0.01 * (CV^2 importance + CV^2 load)) | switch | none")
+    balance_loss: str = setting("cv2", "cv2 (the paper's 0.01 * (CV^2 importance + CV^2 load)) | switch | bias (aux-loss-free, DeepSeek-V3) | none")
     shared_size: int | None = setting(None, "sharing-inter only: neurons shared by all experts")
     calib_data: str | None = setting(None, "sharing-*: a `curate tokenize` dir or a text file")
     calib_seqs: int = setting(4, "sharing-*: calibration sequences per expert")
@@ -55,8 +55,6 @@ class ConvertConfig:
             raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
         choice(self.method, METHODS, f"{where}.method")
         choice(self.gate, GATES, f"{where}.gate")
-        if self.gate_init is None:
-            self.gate_init = "zero" if self.gate == "noisy-mlp" else "random"
         choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
         if self.scale is not None and not self.scale > 0:
             raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
@@ -133,6 +131,21 @@ class OptimSection:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher (the dense model, usually): loss += weight * T^2 * KL(teacher || student)
+    on the softened next-token distributions of the same batch."""
+    teacher: str = setting("", "the teacher: any model `load_model` reads (HF dir, .gguf, our model dir)")
+    weight: float = setting(1.0, "weight of the KL term")
+    temperature: float = setting(1.0, "softmax temperature of both distributions")
+
+    def check(self, where: str) -> None:
+        if not self.teacher:
+            raise CurateError(f"{where}.teacher is required: the model to distil from (e.g. the dense model)")
+        non_negative(self.weight, f"{where}.weight")
+        positive(self.temperature, f"{where}.temperature")
+
+
+@dataclass
 class TrainSection:
     max_steps: int | None = setting(None, "optimizer steps to train; or give max_tokens")
     max_tokens: int | None = setting(None, "training tokens (rounded up to whole steps)")
@@ -149,6 +162,7 @@ class TrainSection:
     parallel: str = setting("auto", "auto (ddp under torchrun with >1 rank) | none | ddp | fsdp2")
     dataloader_workers: int = setting(0, "processes copying sequences from the token shards")
     peak_flops: float | None = setting(None, "per-device peak FLOP/s for MFU; null: known GPUs only")
+    distill: DistillConfig | None = setting(None, "{teacher: PATH, weight, temperature}: KL to the teacher's logits; null: no distillation")
 
     def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
@@ -170,6 +184,8 @@ class TrainSection:
         non_negative(self.dataloader_workers, "train.dataloader_workers")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise CurateError(f"train.peak_flops must be > 0, got {self.peak_flops}")
+        if self.distill is not None:
+            self.distill.check("train.distill")
 
 
 @dataclass
@@ -194,6 +210,8 @@ class TrainConfig:
         d["optim"]["betas"] = list(d["optim"]["betas"])
         if d["model"].get("convert") is None:
             d["model"].pop("convert")
+        if d["train"].get("distill") is None:     # absent rather than null: older runs' hashes stay valid
+            d["train"].pop("distill")
         return d
 
     def hash(self) -> str:
@@ -276,6 +294,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> TrainCo
     convert = (raw.get("model") or {}).get("convert")
     if isinstance(convert, dict) and convert.get("calib_data") is not None:
         convert["calib_data"] = _resolve(base, convert["calib_data"], "model.convert.calib_data")
+    distill = (raw.get("train") or {}).get("distill")
+    if isinstance(distill, dict) and distill.get("teacher"):
+        distill["teacher"] = _resolve(base, distill["teacher"], "train.distill.teacher")
     sampler = raw.get("sampler")
     if isinstance(sampler, dict):
         # file-valued sampler keys; named values (llama2-7b, measure, slimpajama) stay as they are
@@ -321,7 +342,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "smollm2-moe": ("SmolLM2-135M split into 8 experts (top-2) on the fly, on one GPU; tokenize with the same "
                     "GGUF (`curate tokenize DIR --tokenizer GGUF`), then set data.tokens", {
         "model": {"dense": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                  "convert": {"experts": 8, "top_k": 2, "method": "independent-random", "gate": "noisy-mlp"}},
+                  "convert": {"experts": 8, "top_k": 2, "method": "independent-random", "gate": "noisy-linear"}},
         "data": {"seq_len": 2048, "micro_batch_size": 16, "global_batch_tokens": 8 * 16 * 2048},
         "sampler": {"kind": "dynamic", "preset": "sheared", "rule": "sheared-paper",
                     "reweight_every_tokens": 50_000_000, "reference_losses": "measure"},

@@ -112,7 +112,7 @@ def balanced_kmeans(rows: torch.Tensor, num_experts: int, generator: torch.Gener
     """Equal-size clusters of the rows (cosine similarity on L2-normalised rows, as MoEfication)."""
     x = torch.nn.functional.normalize(rows.float(), dim=1)
     n = x.shape[0]
-    capacity = n // num_experts
+    capacity = -(-n // num_experts)
     centroids = x[torch.randperm(n, generator=generator)[:num_experts]]
     assign = None
     for _ in range(iters):
@@ -125,26 +125,66 @@ def balanced_kmeans(rows: torch.Tensor, num_experts: int, generator: torch.Gener
     return [(assign == e).nonzero().squeeze(1) for e in range(num_experts)]
 
 
-def taylor_scores(model: LlamaMoE, groups: list[torch.Tensor]) -> torch.Tensor:
-    """First-order Taylor importance of every FFN neuron, per calibration group: for group g and
-    neuron j of layer l, the sum over that neuron's weights (its gate and up rows, its down column) of
-    |w * dL/dw|, L being the LM loss on the group's sequences. Returns [layers, groups, neurons]."""
+def sequence_embeddings(model: LlamaMoE, seqs: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """[n, H]: each sequence's mean final hidden state (after the last norm) under the dense model -- the
+    text embedding the calibration sequences are clustered on."""
+    captured: list[torch.Tensor] = []
+    hook = model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().mean(1)))
+    try:
+        with torch.no_grad():
+            for start in range(0, seqs.shape[0], batch_size):
+                model(seqs[start:start + batch_size, :-1])
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def cluster_calibration(model: LlamaMoE, seqs: torch.Tensor, num_groups: int,
+                        generator: torch.Generator) -> list[torch.Tensor]:
+    """Split the calibration sequences into one group per expert by what they are about: balanced
+    k-means (cosine) on their mean hidden states, as LLaMA-MoE clusters its calibration text so each
+    expert is built from a different kind of text. Returns each group's sequences."""
+    emb = sequence_embeddings(model, seqs)
+    emb = emb - emb.mean(0, keepdim=True)   # the shared direction of all text would dominate the cosine
+    groups = balanced_kmeans(emb, num_groups, generator)
+    return [seqs[g] for g in groups]
+
+
+def taylor_scores(model: LlamaMoE, groups: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """First-order Taylor importance of every FFN neuron, per calibration group, taken per token on the
+    activations as LLaMA-MoE's GradientSplit does: for neuron j of layer l, the sum over the group's
+    tokens of |h_j * dL/dh_j|, h being the down projection's input (the neuron's activation) and L the
+    LM loss. Returns [layers, groups, neurons]."""
     mlps = [layer.mlp for layer in model.layers]
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        p.requires_grad_(".mlp." in f".{n}")  # gradients only where they are scored
+    model.requires_grad_(False)             # gradients with respect to activations only
     scores = torch.zeros(len(mlps), len(groups), model.cfg.intermediate_size)
+    acts: dict[int, torch.Tensor] = {}
+
+    def keep(l: int):
+        def hook(_module, inputs):
+            inputs[0].retain_grad()
+            acts[l] = inputs[0]
+        return hook
+
+    # the weights are frozen, so the graph starts at the embeddings' output: every activation then gets
+    # its full gradient, through every later layer
+    hooks = [model.embed_tokens.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))]
+    hooks += [mlp.down_proj.register_forward_pre_hook(keep(l)) for l, mlp in enumerate(mlps)]
     try:
         for g, seqs in enumerate(groups):
-            model.zero_grad(set_to_none=True)
-            model(seqs[:, :-1], labels=seqs[:, 1:]).loss.backward()
-            for l, mlp in enumerate(mlps):
-                s = (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
-                s += (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
-                s += (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0)
-                scores[l, g] = s.detach().float().cpu()
+            for start in range(0, seqs.shape[0], batch_size):
+                batch = seqs[start:start + batch_size]
+                acts.clear()
+                with torch.enable_grad():
+                    out = model(batch[:, :-1], labels=batch[:, 1:])
+                    # summed (not mean) loss: every token's term counts the same whatever the batching
+                    (out.loss * batch[:, 1:].numel()).backward()
+                for l, h in acts.items():
+                    scores[l, g] += (h * h.grad).abs().sum((0, 1)).detach().float().cpu()
     finally:
-        model.zero_grad(set_to_none=True)
+        for h in hooks:
+            h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
     return scores
@@ -200,9 +240,10 @@ def build_moe(dense: LlamaMoE, s: ConvertSettings, calibration: torch.Tensor | N
     if s.method.startswith("sharing"):
         if calibration is None or calibration.shape[0] < s.experts:
             raise CurateError(f"{s.method} needs at least {s.experts} calibration sequences (one group per expert)")
-        groups = list(calibration.tensor_split(s.experts))   # exactly one group per expert
-        log(f"importance: first-order Taylor scores on {calibration.shape[0]} sequences x "
-            f"{calibration.shape[1] - 1} tokens, {len(groups)} groups (one per expert)")
+        groups = cluster_calibration(dense, calibration, s.experts, gen)   # one group per expert
+        log(f"importance: per-token Taylor scores |h * dL/dh| on {calibration.shape[0]} sequences x "
+            f"{calibration.shape[1] - 1} tokens, clustered into {len(groups)} groups (one per expert) "
+            f"of {', '.join(str(g.shape[0]) for g in groups)} sequences")
         scores = taylor_scores(dense, groups)
 
     experts_per_layer: list[list[torch.Tensor]] = []
@@ -251,9 +292,11 @@ def apply_partition(dense: LlamaMoE, cfg: ModelConfig, generator: torch.Generato
                 state[f"layers.{l}.mlp.shared.gate_proj.weight"] = Wg[sh].clone()
                 state[f"layers.{l}.mlp.shared.up_proj.weight"] = Wu[sh].clone()
                 state[f"layers.{l}.mlp.shared.down_proj.weight"] = Wd[:, sh].clone()
-            gate = model.layers[l].mlp.router.gate
-            for name, p in gate.named_parameters():
+            router = model.layers[l].mlp.router
+            for name, p in router.gate.named_parameters():
                 state[f"layers.{l}.mlp.router.gate.{name}"] = torch.empty(p.shape, dtype=Wg.dtype)
+            if router.expert_bias is not None:
+                state[f"layers.{l}.mlp.router.expert_bias"] = torch.zeros(router.expert_bias.shape)
     model.load_state_dict(state, assign=True)
     for m in model.moe_layers().values():
         m.router.gate.reset(cfg.moe.gate_init, generator)
@@ -285,20 +328,74 @@ def _log_summary(log, cfg: ModelConfig, intermediate: int) -> None:
     log(f"parameters (non-embedding): {p['total'] / 1e6:.1f}M total, {p['active'] / 1e6:.1f}M active per token")
 
 
+# ------------------------------------------------------------------------------------- fitted router
+
+@torch.no_grad()
+def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch_size: int = 8,
+                log: Callable[[str], None] = print) -> list[float]:
+    """Fit each layer's linear gate so its top-k picks the experts that carry the dense FFN's output.
+
+    On the calibration tokens, for layer l: x = the dense FFN's input, and per expert e the log of the
+    norm of its (scaled) output on x, centred over the experts -- which experts matter for this token.
+    The gate is the ridge regression of those targets on x (one closed-form solve), so W x ranks the
+    experts as their outputs do and the softmax over the top k weighs them by output size.
+    Returns, per layer, the fraction of tokens whose top-k set the fitted gate gets exactly right."""
+    inputs: dict[int, list[torch.Tensor]] = {l: [] for l in range(len(dense.layers))}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, inp, l=l: inputs[l].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for l, layer in enumerate(dense.layers)]
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            dense(calibration[start:start + batch_size, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+    agreement = []
+    for l, mlp in moe.moe_layers().items():
+        x = torch.cat(inputs[l]).float()
+        ex = mlp.experts
+        norms = torch.stack([expert_output(x, ex.gate_up_proj[e].float(), ex.down_proj[e].float()).norm(dim=-1)
+                             for e in range(ex.num_experts)], 1)
+        z = norms.clamp_min(1e-12).log()
+        z = z - z.mean(1, keepdim=True)
+        gram = x.T @ x
+        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1])
+        w = torch.linalg.solve(gram + ridge, x.T @ z)            # [H, E]
+        mlp.router.gate.weight.copy_(w.T.to(mlp.router.gate.weight.dtype))
+        k = mlp.cfg.top_k
+        want = z.topk(k, dim=1).indices.sort(1).values
+        got = (x @ w).topk(k, dim=1).indices.sort(1).values
+        agreement.append(float((want == got).all(1).float().mean()))
+    log(f"fitted routers on {calibration.shape[0]} x {calibration.shape[1] - 1} tokens: the gate's top-k matches "
+        f"the experts with the largest outputs for {sum(agreement) / len(agreement):.0%} of tokens "
+        f"(layers {min(agreement):.0%}-{max(agreement):.0%}; random: {_chance(moe):.0%})")
+    return agreement
+
+
+def expert_output(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert on x (rows of gate_up: gate then up projection)."""
+    g, u = (x @ gate_up.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u) @ down.T
+
+
+def _chance(moe: LlamaMoE) -> float:
+    from math import comb
+    m = next(iter(moe.moe_layers().values())).cfg
+    return 1.0 / comb(m.num_experts, m.top_k)
+
+
 # ---------------------------------------------------------------------------------- calibration data
 
 def calibration_tokens(source: str | Path | None, dense_path: str | Path, cfg: ModelConfig, num_seqs: int,
                        seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
     """[num_seqs, seq_len + 1] token ids for importance scores, and a note saying where they came from.
 
-    source: None (uniformly random tokens: the scores then reflect the weights' response to noise, not
-    to language), a `curate tokenize` directory (training windows, domains taken in turn), or a text
-    file (.txt: the whole file; .jsonl: the "text" field of each line) tokenized with the dense model's
-    own tokenizer."""
-    gen = torch.Generator().manual_seed(seed)
+    source: a `curate tokenize` directory (training windows, domains taken in turn), or a text file
+    (.txt: the whole file; .jsonl: the "text" field of each line) tokenized with the dense model's own
+    tokenizer. None is refused: importance measured on random tokens says nothing about language
+    (see `generated_calibration` for the data-free fallback the caller may choose instead)."""
     if source is None:
-        return (torch.randint(0, cfg.vocab_size, (num_seqs, seq_len + 1), generator=gen),
-                f"random tokens ({num_seqs} x {seq_len + 1}, seed {seed}): no calibration data given")
+        raise CurateError("sharing-* methods measure neuron importance on calibration text: pass --calib-data "
+                          "(a `curate tokenize` directory or a .txt/.jsonl file)")
     p = Path(source)
     if p.is_dir():
         from samplers.packed import PackedTokens
@@ -344,6 +441,23 @@ def calibration_tokens(source: str | Path | None, dense_path: str | Path, cfg: M
     return ids, note
 
 
+@torch.no_grad()
+def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[num_seqs, seq_len + 1] sequences sampled from the dense model itself (temperature 1, from its BOS
+    token): the data-free stand-in when no calibration text exists. What the model writes is the
+    distribution its FFNs were trained on, which random tokens are not; real text is still better."""
+    gen = torch.Generator().manual_seed(seed)
+    start = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else 0
+    seqs = torch.full((num_seqs, 1), int(start), dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    for _ in range(seq_len):
+        probs = torch.softmax(model(seqs).logits[:, -1].float(), dim=-1)
+        seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    model.train(was_training)
+    return seqs
+
+
 def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, gate: str = "linear",
                   gate_init: str = "random", scale: float | None = None, seed: int = 0,
                   balance_loss: str | None = "cv2", shared_size: int | None = None,
@@ -361,13 +475,22 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
     if cfg.moe is not None:
         raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
     calib = note = None
-    if method.startswith("sharing"):
-        calib, note = calibration_tokens(calib_data, dense, cfg, experts * calib_seqs_per_expert,
-                                         min(calib_len, cfg.max_seq_len), seed)
+    if gate_init == "fitted" and gate == "noisy-mlp":
+        raise CurateError("--gate-init fitted fits a linear router; use --gate noisy-linear or linear with it")
+    if method.startswith("sharing") or gate_init == "fitted":
+        n, T = experts * calib_seqs_per_expert, min(calib_len, cfg.max_seq_len)
         if calib_data is None:
+            # not random tokens: text the dense model writes itself (see generated_calibration)
+            calib = generated_calibration(model, n, T, seed)
+            note = f"{n} x {T + 1} tokens sampled from the dense model (seed {seed}): no calibration data given"
             log(f"calibration: {note} -- pass --calib-data for importance measured on real text")
         else:
+            calib, note = calibration_tokens(calib_data, dense, cfg, n, T, seed)
             log(f"calibration: {note}")
     elif calib_data is not None:
         log(f"note: --calib-data is not used by {method}")
-    return build_moe(model, s, calib, note, log)
+    moe, moe_cfg = build_moe(model, s, calib if method.startswith("sharing") else None, note, log)
+    if gate_init == "fitted":
+        fit_routers(model, moe, calib, log=log)
+        moe_cfg.moe.calibration = note
+    return moe, moe_cfg

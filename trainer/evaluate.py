@@ -16,12 +16,17 @@ from trainer.distributed import DistContext, all_reduce_sum
 
 @torch.no_grad()
 def evaluate_domains(model: nn.Module, sequences: dict[str, torch.Tensor], *, batch_size: int,
-                     max_batches: int, ctx: DistContext, autocast) -> dict[str, float]:
+                     max_batches: int, ctx: DistContext, autocast,
+                     moe_layers: dict | None = None) -> tuple[dict[str, float], dict[int, list[float]]]:
     """Mean next-token loss per domain over the first `max_batches` batches of its held-out
-    sequences ([N, seq_len + 1] token ids each). Domains without held-out data are left out."""
+    sequences ([N, seq_len + 1] token ids each; domains without held-out data are left out), and, for
+    the MoE layers in `moe_layers` ({layer: MoELayer}), the fraction of the routed assignments each
+    expert received on those batches (summed over ranks; gate noise is off in eval)."""
     was_training = model.training
     model.eval()                        # no gate noise
     sums = torch.zeros(len(sequences), 2, dtype=torch.float64, device=ctx.device)   # loss * tokens, tokens
+    layers = list(moe_layers or {})
+    counts = None
     for i, seqs in enumerate(sequences.values()):
         n_batches = min(max_batches, math.ceil(len(seqs) / batch_size))
         for k in range(math.ceil(n_batches / ctx.world_size)):
@@ -33,6 +38,15 @@ def evaluate_domains(model: nn.Module, sequences: dict[str, torch.Tensor], *, ba
             n = batch[:, 1:].numel()
             sums[i, 0] += weight * n * out.loss.double()     # stays on the device: no wait per batch
             sums[i, 1] += weight * n
+            if layers:
+                c = torch.stack([moe_layers[layer].last_counts.double() for layer in layers]) * weight
+                counts = c if counts is None else counts + c
     sums = all_reduce_sum(sums, ctx)
+    load = {}
+    if counts is not None:
+        counts = all_reduce_sum(counts, ctx)
+        counts = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
+        load = {layer: row.tolist() for layer, row in zip(layers, counts.cpu())}
     model.train(was_training)
-    return {d: float(sums[i, 0] / sums[i, 1]) for i, d in enumerate(sequences) if sums[i, 1] > 0}
+    losses = {d: float(sums[i, 0] / sums[i, 1]) for i, d in enumerate(sequences) if sums[i, 1] > 0}
+    return losses, load

@@ -4,8 +4,9 @@ Mixtral's sparse block is exactly our linear-gate MoE: router logits = W x, soft
 renormalised over the k (= a softmax over the k selected logits), SwiGLU experts. What it lacks is our
 `scale`, which is folded into each expert's down projection (y = scale * sum p_i E_i(x) and E_i's
 output is linear in down_proj). Experts built by sharing-inner are ordinary experts whose neuron sets
-overlap, so they export too. Refused, because Mixtral has no place for them: the noisy-mlp gate (a
-Linear-Tanh-Linear router) and sharing-inter's always-on shared neurons.
+overlap, so they export too. The noisy-linear gate exports as its linear part (its noise is training-only).
+Refused, because Mixtral has no place for them: the noisy-mlp gate (a Linear-Tanh-Linear router),
+sharing-inter's always-on shared neurons, and a nonzero load-balancing bias (balance_loss: bias).
 
 The export is checked before it is written: the Mixtral model must give our model's logits.
 """
@@ -71,13 +72,22 @@ def check_exportable(cfg) -> None:
     m = cfg.moe
     if m is None:
         raise CurateError("this is a dense model; hf-mixtral export is for MoE models (`curate convert` first)")
-    if m.gate != "linear":
+    if m.gate not in ("linear", "noisy-linear"):
         raise CurateError(f"the {m.gate} gate (Linear-Tanh-Linear with learned noise) cannot be expressed by "
-                          "Mixtral's linear router; convert with --gate linear to get an exportable model")
+                          "Mixtral's linear router; convert with --gate noisy-linear (the default) or linear to get an exportable model")
     if m.shared_intermediate_size:
         raise CurateError(f"this model has {m.shared_intermediate_size} always-on shared neurons per layer "
                           f"({m.method or 'sharing-inter'}); Mixtral has no shared expert to hold them. "
                           "Independent-* and sharing-inner models export")
+
+
+def check_no_selection_bias(model) -> None:
+    """Mixtral's router has no bias: a model balanced by `balance_loss: bias` routes differently without it."""
+    for layer, m in model.moe_layers().items():
+        bias = m.router.expert_bias
+        if bias is not None and bool(bias.abs().max() > 0):
+            raise CurateError(f"layer {layer} routes with a load-balancing bias (balance_loss: bias), which "
+                              "Mixtral's router cannot hold; train with balance_loss cv2 or switch to export")
 
 
 def mixtral_config(cfg):
@@ -99,6 +109,7 @@ def to_mixtral(model, cfg):
     from transformers import MixtralForCausalLM
 
     check_exportable(cfg)
+    check_no_selection_bias(model)
     hf = MixtralForCausalLM(mixtral_config(cfg)).eval()
     ours = model.state_dict()
     scale, I = cfg.moe.scale, cfg.moe.expert_size

@@ -1,5 +1,5 @@
-"""What a run leaves to read: RUN/metrics.jsonl, RUN/domain_weights.jsonl, RUN/tensorboard/, and a
-progress bar. Only rank 0 writes. On resume the JSONL files are cut back to the checkpoint's step
+"""What a run leaves to read: RUN/metrics.jsonl, RUN/domain_weights.jsonl, RUN/routing.jsonl (expert
+load per layer at each evaluation), RUN/tensorboard/, and a progress bar. Only rank 0 writes. On resume the JSONL files are cut back to the checkpoint's step
 (the killed run may have logged past it) and TensorBoard purges the same steps, so nothing repeats.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from common.progress import Progress
 
 METRICS = "metrics.jsonl"
 DOMAIN_WEIGHTS = "domain_weights.jsonl"
+ROUTING = "routing.jsonl"
+DEAD_SHARE = 0.01       # an expert under 1% of a layer's assignments is warned about (uniform: top_k / E)
 
 
 class RunLogger:
@@ -27,7 +29,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS, DOMAIN_WEIGHTS):
+        for name in (METRICS, DOMAIN_WEIGHTS, ROUTING):
             truncate_jsonl(self.run_dir / name, start_step if resumed else -1)
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events a killed run wrote after the checkpoint we resume from
@@ -61,6 +63,26 @@ class RunLogger:
         for d, loss in record["eval_loss"].items():
             self.tb.add_scalar(f"eval_loss/{d}", loss, record["step"])
         self.tb.flush()
+
+    def log_routing(self, record: dict) -> None:
+        """One evaluation's router health: {step, tokens, layers: {layer: [share of assignments per expert]}}
+        (held-out batches, no gate noise). Warns, naming the layer, when an expert gets under 1%."""
+        if not self.enabled:
+            return
+        append_jsonl(self.run_dir / ROUTING, record)
+        step = record["step"]
+        starved = []
+        for layer, shares in record["layers"].items():
+            for e, v in enumerate(shares):
+                self.tb.add_scalar(f"routing/layer_{layer}/expert_{e}", v, step)
+            self.tb.add_scalar(f"routing_busiest/layer_{layer}", max(shares), step)
+            low = [f"{e} ({v:.1%})" for e, v in enumerate(shares) if v < DEAD_SHARE]
+            if low:
+                starved.append(f"layer {layer}: expert(s) {', '.join(low)}")
+        self.tb.flush()
+        if starved:
+            self.message(f"warning: at step {step} some experts get under {DEAD_SHARE:.0%} of the held-out "
+                         f"assignments -- " + "; ".join(starved))
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

@@ -89,7 +89,8 @@ class ModelConfig:
             m = self.moe
             expert = 3 * H * m.expert_size
             shared = 3 * H * m.shared_intermediate_size
-            gate = H * m.num_experts + (m.num_experts ** 2 + H * m.num_experts if m.gate == "noisy-mlp" else 0)
+            gate = H * m.num_experts + {"linear": 0, "noisy-linear": H * m.num_experts,
+                                        "noisy-mlp": m.num_experts ** 2 + H * m.num_experts}[m.gate]
             ffn_total = m.num_experts * expert + shared + gate
             ffn_active = m.top_k * expert + shared + gate
         return {"total": L * (attn + ffn_total) + H, "active": L * (attn + ffn_active) + H,

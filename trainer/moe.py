@@ -27,9 +27,11 @@ from torch import nn
 from common.errors import CurateError
 from trainer.kernels import swiglu_weighted
 
-GATES = ("linear", "noisy-mlp")
-GATE_INITS = ("zero", "random")
-BALANCE_LOSSES = ("cv2", "switch", None)
+GATES = ("noisy-linear", "linear", "noisy-mlp")
+# "fitted": random, then fitted to the dense model's expert outputs by `curate convert` (construct.fit_routers)
+GATE_INITS = ("random", "zero", "fitted")
+# "bias": no auxiliary loss; a per-expert bias on the selection logits follows the load (DeepSeek-V3)
+BALANCE_LOSSES = ("cv2", "switch", "bias", None)
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 
 # torch >= 2.10 has the public name; 2.8/2.9 only the private op with the same arguments.
@@ -60,10 +62,13 @@ class MoEConfig:
     top_k: int
     expert_size: int                      # intermediate neurons per routed expert
     scale: float | None = None            # None: num_experts / top_k (the paper's rescale)
-    gate: str = "linear"                  # "linear" (Mixtral) or "noisy-mlp" (LLaMA-MoE)
-    gate_init: str = "random"             # "zero": uniform routing at the start; "random": N(0, 0.02)
-    balance_loss: str | None = "cv2"      # "cv2": CV^2(importance) + CV^2(load); "switch"; None
+    gate: str = "linear"                  # "noisy-linear", "linear" (Mixtral) or "noisy-mlp" (LLaMA-MoE)
+    gate_init: str = "random"             # "random": nn.Linear's init (LLaMA-MoE); "zero": all logits 0
+    balance_loss: str | None = "cv2"      # "cv2": CV^2(importance) + CV^2(load); "switch"; "bias"; None
     balance_coef: float = 0.01
+    # "bias": step of the per-expert selection bias per optimizer step. DeepSeek-V3's 1e-3 is for scores in
+    # [0, 1] over a long run; our logits are unnormalised and runs short, so a larger step.
+    bias_rate: float = 1e-2
     noise_epsilon: float = 0.01           # noisy-mlp: noise std = softplus(W_noise x) + noise_epsilon
     shared_intermediate_size: int = 0     # sharing-inter: neurons of the always-on shared part
     method: str | None = None             # construction method, recorded by `curate convert`
@@ -95,7 +100,9 @@ class MoEConfig:
         if self.balance_loss in ("none", "None"):
             self.balance_loss = None
         if self.balance_loss not in BALANCE_LOSSES:
-            raise bad("balance_loss", "must be cv2, switch or none")
+            raise bad("balance_loss", "must be cv2, switch, bias or none")
+        if not isinstance(self.bias_rate, (int, float)) or self.bias_rate < 0:
+            raise bad("bias_rate", "must be a non-negative number")
         if not isinstance(self.balance_coef, (int, float)) or self.balance_coef < 0:
             raise bad("balance_coef", "must be a non-negative number")
         if not isinstance(self.noise_epsilon, (int, float)) or self.noise_epsilon < 0:
@@ -128,8 +135,17 @@ class MLP(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- gates
 
+def _init_linear(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): what LLaMA-MoE's gate networks start
+    from. Random logits of this size spread the tokens over the experts from the first step."""
+    bound = 1.0 / weight.shape[1] ** 0.5
+    weight.uniform_(-bound, bound, generator=generator)
+
+
 class LinearGate(nn.Module):
     """logits = W x: exactly Mixtral's router, so a model with this gate exports to Mixtral."""
+
+    noisy = False
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
@@ -143,7 +159,24 @@ class LinearGate(nn.Module):
             if init == "zero":
                 self.weight.zero_()
             else:
-                self.weight.normal_(0.0, 0.02, generator=generator)
+                _init_linear(self.weight, generator)
+
+
+class NoisyLinearGate(LinearGate):
+    """Shazeer et al.'s noisy top-k gate: logits = W x, plus training-only noise of std
+    softplus(W_noise x) + eps. Outside training it is the linear gate, so it exports to Mixtral's router
+    (the noise weights are dropped). The noise weights start at zero (std softplus(0) + eps ~ 0.70)."""
+
+    noisy = True
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__(hidden_size, num_experts)
+        self.noise = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def reset(self, init: str, generator: torch.Generator | None = None) -> None:
+        super().reset(init, generator)
+        with torch.no_grad():
+            self.noise.weight.zero_()
 
 
 class NoisyMLPGate(nn.Module):
@@ -152,6 +185,8 @@ class NoisyMLPGate(nn.Module):
     The noise weights start at zero (std = softplus(0) + eps ~ 0.70), so early routing explores; the
     model learns how much noise each token gets.
     """
+
+    noisy = True
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
@@ -164,14 +199,17 @@ class NoisyMLPGate(nn.Module):
 
     def reset(self, init: str, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
-            self.net[0].weight.normal_(0.0, 0.02, generator=generator)
+            _init_linear(self.net[0].weight, generator)
             if init == "zero":
                 # Only the output layer is zeroed: logits start at 0 (uniform routing) while W1 stays
                 # random, otherwise neither layer would ever receive a gradient.
                 self.net[2].weight.zero_()
             else:
-                self.net[2].weight.normal_(0.0, 0.02, generator=generator)
+                _init_linear(self.net[2].weight, generator)
             self.noise.weight.zero_()
+
+
+GATE_CLASSES = {"linear": LinearGate, "noisy-linear": NoisyLinearGate, "noisy-mlp": NoisyMLPGate}
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -196,15 +234,22 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig, hidden_size: int):
         super().__init__()
         self.cfg = cfg
-        self.gate = LinearGate(hidden_size, cfg.num_experts) if cfg.gate == "linear" \
-            else NoisyMLPGate(hidden_size, cfg.num_experts)
+        self.gate = GATE_CLASSES[cfg.gate](hidden_size, cfg.num_experts)
+        if cfg.balance_loss == "bias":
+            # Auxiliary-loss-free balancing (DeepSeek-V3): added to the logits only to choose the top k;
+            # the weights come from the unbiased logits. Updated by `update_bias` after each optimizer step
+            # from the load counted in `step_counts` (training forwards since the last update).
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        else:
+            self.expert_bias = None
+        self.step_counts: torch.Tensor | None = None    # a plain attribute, like MoELayer.last_counts
 
     def gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(clean logits, logits used for routing, noise std or None), all fp32 [N, E]. Noise only for
-        the noisy-mlp gate in training mode; in eval the routing is deterministic."""
+        the noisy gates in training mode; in eval the routing is deterministic."""
         # Routing decisions in fp32: bf16 logits tie often enough to change which experts win.
         clean = self.gate(x).float()
-        if not (self.training and self.cfg.gate == "noisy-mlp"):
+        if not (self.training and self.gate.noisy):
             return clean, clean, None
         noise_std = F.softplus(self.gate.noise(x).float()) + self.cfg.noise_epsilon
         return clean, clean + torch.randn_like(clean) * noise_std, noise_std
@@ -217,15 +262,22 @@ class Router(nn.Module):
         # The k best of E by sorting all E: on CUDA one small in-register sort per row, where topk ran a
         # selection kernel and then a sort of its result (1.4 ms less per step of the d=1024 benchmark on
         # an H200). The stable sort also settles ties the same way on every device: lower index first.
-        sorted_vals, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
-        kk = k + 1 if smooth_load else k
-        top_vals, top_idx = sorted_vals[:, :kk], sorted_idx[:, :kk]
-        indices = top_idx[:, :k]
-        weights = torch.softmax(top_vals[:, :k], dim=-1)
+        if self.expert_bias is not None:
+            indices = (logits + self.expert_bias).sort(dim=-1, descending=True, stable=True)[1][:, :k]
+            weights = torch.softmax(logits.gather(1, indices), dim=-1)
+        else:
+            sorted_vals, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
+            kk = k + 1 if smooth_load else k
+            top_vals, top_idx = sorted_vals[:, :kk], sorted_idx[:, :kk]
+            indices = top_idx[:, :k]
+            weights = torch.softmax(top_vals[:, :k], dim=-1)
         # a comparison-and-sum rather than scatter_add: thousands of atomics on E addresses contend
         counts = (indices.reshape(-1, 1) == torch.arange(E, device=x.device)).sum(0).float()
+        if self.expert_bias is not None and self.training:
+            c = counts.detach()
+            self.step_counts = c if self.step_counts is None else self.step_counts + c
 
-        if cfg.balance_loss is None or cfg.balance_coef == 0:
+        if cfg.balance_loss in (None, "bias") or cfg.balance_coef == 0:
             aux = logits.new_zeros(())
         elif cfg.balance_loss == "switch":
             # Switch Transformer: E * sum_i f_i * P_i, f_i = fraction of routed slots that went to expert
@@ -242,6 +294,18 @@ class Router(nn.Module):
                 load = counts  # without noise the load has no gradient; its CV^2 is still reported
             aux = cfg.balance_coef * (cv_squared(importance) + cv_squared(load))
         return Routing(indices, weights, counts, aux)
+
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor | None = None) -> None:
+        """One balancing step: bias += rate * sign(mean load - load), from `counts` (the step's load,
+        already summed over ranks by the caller) or this rank's `step_counts`; then the count restarts."""
+        c = self.step_counts if counts is None else counts
+        if self.expert_bias is None or c is None:
+            return
+        if c.sum() > 0:
+            self.expert_bias += self.cfg.bias_rate * torch.sign(c.mean() - c)
+        self.step_counts = None
 
 
 def _smooth_load(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor,

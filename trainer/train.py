@@ -155,6 +155,10 @@ class Trainer:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
         found = self.find_checkpoint(resume)
         checkpoint = found[0] if found else None
+        if checkpoint is None:          # a resumed run passed these checks when it started
+            from trainer.preflight import check_reference_losses, check_tokenizers
+            check_tokenizers(cfg.model, cfg.data.tokens)
+            check_reference_losses(cfg.sampler, cfg.data.tokens)
         seed_everything(t.seed)                 # the same initial weights on every rank
         model, self.model_cfg = self.build_model(checkpoint)
         if self.tokens.vocab_size > self.model_cfg.vocab_size:
@@ -176,6 +180,10 @@ class Trainer:
         self.model = wrap_model(model, blocks, ctx)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
+        self.teacher = None
+        if t.distill is not None:
+            from trainer.distill import load_teacher
+            self.teacher = load_teacher(t.distill.teacher, ctx.device, self.model_cfg.vocab_size)
         self.flops_per_token = self.model_cfg.flops_per_token(cfg.data.seq_len)
         self.peak_flops = t.peak_flops or peak_flops(ctx.device)
 
@@ -196,11 +204,21 @@ class Trainer:
                                 max_steps=self.max_steps, resumed=checkpoint is not None, progress=self.progress)
         if ctx.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
-            where = f"step {self.step} of {checkpoint}" if checkpoint else "scratch"
+            where = f"step {self.step} of {checkpoint}" if checkpoint else self.starting_point()
             self.logger.message(
                 f"curate train: from {where}; {ctx.world_size} rank(s), {ctx.parallel}, {ctx.device}; "
                 f"global batch {self.global_batch_tokens} tokens ({self.accum} micro-batch(es) per rank); "
                 f"{self.max_steps} steps; run dir {self.run_dir}")
+
+    def starting_point(self) -> str:
+        m = self.cfg.model
+        if m.dense is not None:
+            return f"{m.dense} converted on the fly ({m.convert.method}, {m.convert.experts} experts, top-{m.convert.top_k})"
+        from trainer.checkpoint_io import read_record
+        if Path(m.path).suffix in (".yaml", ".yml", ".json"):
+            return f"scratch (random weights for {m.path})"
+        converted = (read_record(m.path) or {}).get("conversion") if Path(m.path).is_dir() else None
+        return f"the converted model {m.path}" if converted else f"the weights in {m.path}"
 
     # -------------------------------------------------------------------------------------- loop
 
@@ -231,7 +249,9 @@ class Trainer:
                        if self.peak_flops else None)
                 self.logger.log_step({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
                                       "aux_loss": aux, "lr": lr, "grad_norm": self.grad_norm,
-                                      "tokens_per_s": tokens_per_s, "mfu": mfu, "max_mem_gb": self.max_memory()},
+                                      "tokens_per_s": tokens_per_s, "mfu": mfu, "max_mem_gb": self.max_memory(),
+                                      **({"distill_kl": all_reduce_mean(self.distill_kl, self.ctx)}
+                                         if self.teacher is not None else {})},
                                      expert_load=self.expert_load())
             # the stream decides when it reweights; train.eval_every_tokens may ask for more evaluations
             due = self.stream.due_for_update(self.tokens_seen) or (
@@ -249,22 +269,45 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns this rank's mean loss and balance loss."""
         d = self.cfg.data
+        distill = self.cfg.train.distill
         loss_sum = torch.zeros((), device=self.ctx.device)
         aux_sum = torch.zeros((), device=self.ctx.device)
+        kl_sum = torch.zeros((), device=self.ctx.device)
         for micro in range(self.accum):
             batch, _ = self.stream.next_batch(d.micro_batch_size)
             batch = torch.as_tensor(batch).to(self.ctx.device, non_blocking=True)
             with gradient_sync(self.model, sync=micro == self.accum - 1):
                 with self.autocast():
-                    out = self.model(batch[:, :-1], labels=batch[:, 1:])
-                ((out.loss + out.aux_loss) / self.accum).backward()
+                    out = self.model(batch[:, :-1], labels=batch[:, 1:], skip_logits=self.teacher is None)
+                    total = out.loss + out.aux_loss
+                    if self.teacher is not None:
+                        from trainer.distill import distill_kl
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(batch[:, :-1]).logits
+                        kl = distill_kl(out.logits, teacher_logits, distill.temperature, batch[:, 1:] >= 0)
+                        total = total + distill.weight * kl
+                        kl_sum += kl.detach()
+                (total / self.accum).backward()
             loss_sum += out.loss.detach()
             aux_sum += out.aux_loss.detach()
         self.grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.update_balance_bias()
+        self.distill_kl = float(kl_sum) / self.accum if self.teacher is not None else None
         return float(loss_sum) / self.accum, float(aux_sum) / self.accum
+
+    def update_balance_bias(self) -> None:
+        """balance_loss: bias -- each layer's selection bias moves toward the step's under-loaded experts,
+        from the load summed over every rank (so the bias stays identical on all of them)."""
+        routers = [m.router for m in unwrap(self.model).moe_layers().values()
+                   if m.router.expert_bias is not None and m.router.step_counts is not None]
+        if not routers:
+            return
+        counts = all_reduce_sum(torch.stack([r.step_counts for r in routers]), self.ctx)
+        for r, c in zip(routers, counts):
+            r.update_bias(c)
 
     @property
     def next_eval(self) -> int:
@@ -275,12 +318,16 @@ class Trainer:
     def evaluate(self) -> None:
         """Held-out loss per domain (identical on every rank), fed to the sampler when it is due."""
         t = self.cfg.train
-        losses = evaluate_domains(self.model, self.eval_sequences, batch_size=self.cfg.data.micro_batch_size,
-                                  max_batches=t.eval_batches, ctx=self.ctx, autocast=self.autocast)
+        losses, load = evaluate_domains(self.model, self.eval_sequences, batch_size=self.cfg.data.micro_batch_size,
+                                        max_batches=t.eval_batches, ctx=self.ctx, autocast=self.autocast,
+                                        moe_layers=unwrap(self.model).moe_layers())
         if self.stream.due_for_update(self.tokens_seen):   # also at step 0 when references are measured
             self.stream.update(losses, self.tokens_seen)
         self.logger.log_domains({"tokens": self.tokens_seen, "step": self.step,
                                  "weights": dict(self.stream.weights), "eval_loss": losses})
+        if load:
+            self.logger.log_routing({"step": self.step, "tokens": self.tokens_seen,
+                                     "layers": {str(layer): row for layer, row in load.items()}})
         self.last_eval_tokens = self.tokens_seen
 
     def max_memory(self) -> float | None:

@@ -1,0 +1,242 @@
+"""Router health and recovery of a converted SmolLM2-135M: old vs new defaults and the options beside them.
+
+Every run converts the real SmolLM2-135M (8 experts of 192 neurons, top-2) and continually pre-trains it
+for the same budget (125 steps x 65,536 tokens = 8.2M, seq 512, lr 3e-4, static Sheared-LLaMA weights)
+on the real RedPajama sample tokenized with SmolLM2's own tokenizer. Columns: mean held-out loss over
+the domains at step 0 and at the end, experts under 1% of their layer's held-out assignments at the end
+(of 240), the busiest expert's share in the worst layer, tokens/s.
+
+On the GPU (each call writes OUT/<name>.json with every run it finished, and a log):
+
+    python benchmarks/study_moe_health.py run --gguf SmolLM2.gguf --tokens TOKDIR --out OUT --name part1 \
+        --runs old-defaults new-defaults linear bias
+Here, from the JSON files:
+
+    python benchmarks/study_moe_health.py report benchmarks/results/study_moe_health
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# name -> (label, extra `curate convert` flags, distill). Flags beyond the required ones
+# (--experts 8 --top-k 2 --method M): "CALIB" stands for the token directory.
+RUNS = {
+    "old-defaults": ("old defaults: noisy-mlp gate, zero init", ["--gate", "noisy-mlp", "--gate-init", "zero"], False),
+    "new-defaults": ("new defaults: required flags only (noisy-linear, random init, cv2)", [], False),
+    "linear": ("linear gate (no noise)", ["--gate", "linear"], False),
+    "noisy-mlp": ("noisy-mlp gate, random init", ["--gate", "noisy-mlp"], False),
+    "bias": ("bias balancing instead of cv2", ["--balance-loss", "bias"], False),
+    "fitted": ("fitted router", ["--gate-init", "fitted", "--calib-data", "CALIB"], False),
+    "distill": ("distillation from the dense model", [], True),
+    "fitted-distill": ("fitted router + distillation", ["--gate-init", "fitted", "--calib-data", "CALIB"], True),
+    "clustering": ("IndependentClustering", ["METHOD=independent-clustering"], False),
+    "sharing-inner": ("SharingInner", ["METHOD=sharing-inner", "--calib-data", "CALIB"], False),
+    "sharing-inter": ("SharingInter", ["METHOD=sharing-inter", "--calib-data", "CALIB"], False),
+}
+DEAD = 0.01
+
+
+def curate(*args, log) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    log.write(f"$ curate {' '.join(map(str, args))}\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}\n")
+    log.flush()
+    if proc.returncode:
+        raise RuntimeError(f"curate {args[0]} failed: {proc.stderr[-1500:]}")
+
+
+def mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d)
+
+
+def health(layers: dict[str, list[float]]) -> tuple[int, float, str]:
+    """(experts under 1%, busiest expert's share in the worst layer, that layer)."""
+    dead = sum(v < DEAD for shares in layers.values() for v in shares)
+    worst = max(layers, key=lambda layer: max(layers[layer]))
+    return dead, max(layers[worst]), worst
+
+
+def run_one(name: str, args, work: Path, log) -> dict:
+    from trainer.config import write_train_config
+
+    label, flags, distill = RUNS[name]
+    method = "independent-random"
+    convert_flags = []
+    for f in flags:
+        if f.startswith("METHOD="):
+            method = f.split("=", 1)[1]
+        else:
+            convert_flags.append(str(args.tokens) if f == "CALIB" else f)
+    moe = work / f"moe-{name}"
+    t0 = time.time()
+    if not (moe / "config.json").exists():
+        curate("convert", "--dense", args.gguf, "--out", moe, "--experts", 8, "--top-k", 2, "--method", method,
+               *convert_flags, log=log)
+    convert_s = time.time() - t0
+    global_batch = args.seq_len * args.micro_batch * args.accum
+    steps = args.steps
+    every = args.eval_every_steps * global_batch
+    train = {"max_steps": steps, "seed": 0, "log_every": 5, "eval_batches": args.eval_batches,
+             "eval_every_tokens": every, "compile": args.compile, "checkpoint_every": None, "keep_checkpoints": 1}
+    if distill:
+        train["distill"] = {"teacher": str(args.gguf), "weight": 1.0, "temperature": 1.0}
+    cfg = write_train_config(
+        work / f"train-{name}.yaml", model={"path": str(moe)},
+        data={"tokens": str(args.tokens), "seq_len": args.seq_len, "micro_batch_size": args.micro_batch,
+              "global_batch_tokens": global_batch},
+        sampler={"kind": "static", "preset": "sheared", "reweight_every_tokens": every},
+        optim={"lr": args.lr, "warmup_steps": max(1, steps // 10)}, train=train)
+    run = work / f"run-{name}"
+    t0 = time.time()
+    curate("train", "--config", cfg, "--out", run, log=log)
+    wall = time.time() - t0
+    read = lambda f: [json.loads(x) for x in (run / f).read_text().splitlines() if x.strip()]  # noqa: E731
+    met, evals, routing = read("metrics.jsonl"), read("domain_weights.jsonl"), read("routing.jsonl")
+    steady = met[len(met) // 4:] or met
+    dead0, busiest0, worst0 = health(routing[0]["layers"])
+    dead, busiest, worst = health(routing[-1]["layers"])
+    return {
+        "run": name, "label": label, "method": method, "convert_flags": convert_flags, "distill": distill,
+        "steps": steps, "tokens": met[-1]["tokens"], "global_batch_tokens": global_batch, "seq_len": args.seq_len,
+        "loss_start": mean(evals[0]["eval_loss"]), "loss_end": mean(evals[-1]["eval_loss"]),
+        "eval_start": evals[0]["eval_loss"], "eval_end": evals[-1]["eval_loss"],
+        "dead_start": dead0, "busiest_start": busiest0, "worst_layer_start": worst0,
+        "dead_end": dead, "busiest_end": busiest, "worst_layer_end": worst,
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady),
+        "train_wall_s": round(wall, 1), "convert_s": round(convert_s, 1),
+        "eval_history": [{"tokens": e["tokens"], "loss": mean(e["eval_loss"])} for e in evals],
+        "routing_start": routing[0]["layers"], "routing_end": routing[-1]["layers"],
+        "train_loss": [[m["tokens"], m["loss"]] for m in met],
+    }
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from train_e2e import dense_losses
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / f"{args.name}.log", "a")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "runs": {}}
+    result["dense"] = dense_losses(Path(args.gguf), Path(args.tokens), args.seq_len, args.micro_batch,
+                                   args.eval_batches)
+    for name in args.runs:
+        try:
+            result["runs"][name] = r = run_one(name, args, work, log)
+            print(f"== {name}: loss {r['loss_start']:.3f} -> {r['loss_end']:.3f}; under 1%: {r['dead_end']}; "
+                  f"busiest {r['busiest_end']:.1%} (layer {r['worst_layer_end']}); {r['tokens_per_s']:,.0f} tok/s; "
+                  f"train {r['train_wall_s']}s", flush=True)
+        except RuntimeError as e:
+            print(f"== {name}: FAILED {e}", flush=True)
+            result["runs"][name] = {"run": name, "error": str(e)[-1500:]}
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_report(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    folder = Path(args.folder)
+    parts = [json.loads(p.read_text()) for p in sorted(folder.glob("part*.json"))]
+    runs = {n: r for p in parts for n, r in p["runs"].items() if "error" not in r}
+    order = [n for n in RUNS if n in runs]
+    dense = mean(parts[0]["dense"])
+    head = parts[0]
+    lines = [f"{head['date']}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2, "
+             f"{runs[order[0]]['steps']} steps x {runs[order[0]]['global_batch_tokens']:,} tokens, seq "
+             f"{runs[order[0]]['seq_len']}, lr 3e-4, static Sheared weights. Held-out mean loss over the 7 domains "
+             f"(dense model: {dense:.3f}). Routing on the held-out batches without gate noise; 240 experts in all.",
+             "", "| run | held-out loss, step 0 | at the end | experts under 1% (start -> end) | busiest expert, "
+             "worst layer (end) | tokens/s |", "|---|---|---|---|---|---|"]
+    for n in order:
+        r = runs[n]
+        lines.append(f"| {r['label']} | {r['loss_start']:.2f} | **{r['loss_end']:.2f}** | {r['dead_start']} -> "
+                     f"{r['dead_end']} | {r['busiest_end']:.1%} (layer {r['worst_layer_end']}) | "
+                     f"{r['tokens_per_s']:,.0f} |")
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    # held-out loss curves
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for n in order:
+        h = runs[n]["eval_history"]
+        ax.plot([e["tokens"] / 1e6 for e in h], [e["loss"] for e in h], marker="o", ms=3, label=runs[n]["label"])
+    ax.axhline(dense, color="k", ls="--", lw=1, label="dense SmolLM2-135M")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("mean held-out loss")
+    ax.set_ylim(top=min(15, max(runs[n]["loss_start"] for n in order) + 0.5))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("recovery after conversion")
+    fig.tight_layout()
+    fig.savefig(folder / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    # routing: per layer, every expert's share at the end (old vs new defaults and the best runs)
+    shown = [n for n in ("old-defaults", "new-defaults", "bias", "fitted") if n in runs]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 6.2), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, n in zip(axes, shown):
+        layers = runs[n]["routing_end"]
+        m = np.array([layers[str(layer)] for layer in sorted(map(int, layers))])
+        im = ax.imshow(m, aspect="auto", cmap="magma", vmin=0, vmax=0.5)
+        dead, busiest, worst = health(layers)
+        ax.set_title(f"{n}\n{dead} under 1%, busiest {busiest:.0%}", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(0, m.shape[0], 5))
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="share of the layer's held-out assignments (uniform 12.5%)")
+    fig.suptitle("expert load after 8.2M tokens")
+    fig.savefig(folder / "routing_end.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {folder / 'table.md'}, loss_curves.png, routing_end.png")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--gguf", required=True)
+    r.add_argument("--tokens", required=True, help="`curate tokenize` output made with the GGUF's tokenizer")
+    r.add_argument("--out", required=True)
+    r.add_argument("--name", default="part1", help="this call's result file: OUT/NAME.json")
+    r.add_argument("--work", default="/tmp/study-health")
+    r.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    r.add_argument("--steps", type=int, default=125)
+    r.add_argument("--eval-every-steps", type=int, default=25)
+    r.add_argument("--seq-len", type=int, default=512)
+    r.add_argument("--micro-batch", type=int, default=32)
+    r.add_argument("--accum", type=int, default=4)
+    r.add_argument("--eval-batches", type=int, default=8)
+    r.add_argument("--lr", type=float, default=3e-4)
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    rep = sub.add_parser("report")
+    rep.add_argument("folder")
+    args = p.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
