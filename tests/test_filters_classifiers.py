@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,8 +19,6 @@ from conftest import curate
 def quality_model(sample_dir, tmp_path_factory):
     """A fastText model labelled like DCLM's: clean documents `hq`, advertisements `cc`, trained on
     raw text with newlines joined (prepare: join_lines)."""
-    import fasttext
-
     out = tmp_path_factory.mktemp("quality")
     train = out / "train.txt"
     with train.open("w") as f:
@@ -26,9 +26,11 @@ def quality_model(sample_dir, tmp_path_factory):
             row = json.loads(line)
             label = "hq" if row["label"] == "clean" else "cc"
             f.write(f"__label__{label} " + " ".join(row["text"].split("\n")) + "\n")
-    model = fasttext.train_supervised(str(train), epoch=10, lr=0.2, dim=20, bucket=50_000, thread=1, wordNgrams=2,
-                                      loss="softmax", seed=0, verbose=0)
-    model.save_model(str(out / "quality.bin"))
+    # in a fresh process: fastText relies on new weight memory being zero, which memory reused from
+    # earlier models of this (test) process is not (see filters/train_classifier.py)
+    script = ("import sys, fasttext; fasttext.train_supervised(sys.argv[1], epoch=10, lr=0.2, dim=20, "
+              "bucket=50_000, thread=1, wordNgrams=2, loss='softmax', seed=0, verbose=0).save_model(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", script, str(train), str(out / "quality.bin")], check=True, timeout=300)
     return out / "quality.bin"
 
 
