@@ -41,10 +41,14 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _is_our_child(pgid: int) -> bool:
-    """The recorded process is still a `curate` job (not an unrelated process that reused the id)."""
+def _is_our_group(pgid: int) -> bool:
+    """The recorded process group still belongs to a `curate` job. While its leader lives, its command line
+    says so (its pid may have been reused otherwise); once the leader is gone, the kernel hands out no pid
+    equal to a live group's id, so the members left are the job's own (its Dask worker processes)."""
     try:
         return b"pipeline.cli" in Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
 
@@ -79,7 +83,7 @@ class Runner:
         resumed = []
         for job in self.store.with_status("running"):
             pgid = job["pgid"]
-            if pgid and _group_alive(pgid) and _is_our_child(pgid):
+            if pgid and _group_alive(pgid) and _is_our_group(pgid):
                 os.killpg(pgid, signal.SIGKILL)
             if job["cancel_requested"]:
                 self.store.update(job["id"], status="cancelled", finished=time.time(), pgid=None)

@@ -62,6 +62,7 @@
     head.append(bar, line);
     const tab = box(section("Kept and removed per domain", "domains"), "table");
     const hist = section("Score histograms", "histograms");
+    hist.append(h("p", {class: "muted"}, "documents per score bin, kept (green) and removed (red), per domain"));
     const hbox = box(hist, "hists");
     let finalDrawn = false;
     loop(async () => {

@@ -19,6 +19,7 @@ const Charts = (() => {
     if (a >= 1e4) return (v / 1e3).toFixed(1) + "k";
     if (a >= 100) return v.toFixed(0);
     if (a >= 1) return v.toFixed(3);
+    if (a < 1e-3) return v === 0 ? "0" : v.toExponential(1);
     return v.toPrecision(3);
   };
   const ticks = (lo, hi, n) => {
@@ -37,7 +38,7 @@ const Charts = (() => {
   // series: [{name, points: [[x, y], ...]}]; opts: {xLabel, yLabel, yMin, yMax}
   function line(container, series, opts = {}) {
     container.textContent = "";
-    const W = 560, H = 260, m = {l: 56, r: 12, t: 12, b: 36};
+    const W = 560, H = 260, m = {l: 56, r: 24, t: 12, b: 36};
     const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img"}, container);
     const pts = series.flatMap(s => s.points);
     if (!pts.length) {
@@ -113,7 +114,7 @@ const Charts = (() => {
   // Histogram: edges (n+1), stacks: [{name, counts (n), color}]
   function bars(container, edges, stacks, opts = {}) {
     container.textContent = "";
-    const W = 360, H = 180, m = {l: 40, r: 8, t: 8, b: 30};
+    const W = 360, H = 180, m = {l: 40, r: 18, t: 8, b: 30};
     const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, class: "chart hist", role: "img"}, container);
     const n = edges.length - 1;
     const tot = [...Array(n).keys()].map(i => stacks.reduce((a, s) => a + s.counts[i], 0));
@@ -121,7 +122,7 @@ const Charts = (() => {
     const bw = (W - m.l - m.r) / n;
     const Y = v => H - m.b - v / top * (H - m.t - m.b);
     for (const t of ticks(0, top, 2)) {
-      el("text", {x: m.l - 4, y: Y(t) + 4, "text-anchor": "end", class: "axes"}, svg).textContent = fmt(Math.round(t));
+      el("text", {x: m.l - 4, y: Y(t) + 4, "text-anchor": "end", class: "axes"}, svg).textContent = String(Math.round(t));
     }
     for (let i = 0; i < n; i++) {
       let base = 0;
@@ -129,13 +130,14 @@ const Charts = (() => {
         const c = s.counts[i];
         if (!c) continue;
         const r = el("rect", {x: m.l + i * bw + 0.5, width: Math.max(bw - 1, 1), y: Y(base + c),
-                              height: Y(base) - Y(base + c), fill: s.color, class: "bar"}, svg);
+                              height: Y(base) - Y(base + c), fill: s.color, class: "hbar"}, svg);
         el("title", {}, r).textContent = `${s.name} ${c} in [${fmt(edges[i])}, ${fmt(edges[i + 1])})`;
         base += c;
       }
     }
     for (const i of [0, Math.floor(n / 2), n]) {
-      el("text", {x: m.l + i * bw, y: H - m.b + 14, "text-anchor": "middle", class: "axes"}, svg).textContent = fmt(edges[i]);
+      el("text", {x: m.l + i * bw, y: H - m.b + 14, "text-anchor": "middle", class: "axes"}, svg).textContent =
+        edges[edges.length - 1] - edges[0] >= 0.1 ? edges[i].toFixed(2) : fmt(edges[i]);
     }
     if (opts.xLabel) el("text", {x: (W + m.l) / 2, y: H - 2, "text-anchor": "middle", class: "axes label"}, svg).textContent = opts.xLabel;
     return svg;
