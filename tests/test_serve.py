@@ -33,6 +33,7 @@ def root(tmp_path_factory) -> Path:
     (root / "cfg").mkdir()
     (root / "cfg" / "filters.yaml").write_text("length:\n  min_words: 40\n")
     (root / "cfg" / "bad.yaml").write_text("length:\n  min_wrods: 40\n")
+    (root / "cfg" / "plugin.yaml").write_text("plugins: [os]\n")
     outside = base / "outside"
     outside.mkdir()
     (outside / "x.jsonl").write_text('{"text": "hello"}\n')
@@ -107,6 +108,7 @@ def test_the_token_file_is_private_when_generated(tmp_path):
     ({"kind": "filter", "inputs": ["raw/train"], "out": "o1", "config": "/etc/passwd"}, "absolute"),
     ({"kind": "filter", "inputs": ["raw/train"], "out": "o1", "config": "cfg/bad.yaml"}, "min_wrods"),
     ({"kind": "filter", "inputs": ["raw/nothing"], "out": "o1"}, "nothing"),
+    ({"kind": "filter", "inputs": ["raw/train"], "out": "o1", "config": "cfg/plugin.yaml"}, "plugins"),
     ({"kind": "tokenize", "dir": "../x", "tokenizer": "train:512", "out": "t"}, ".."),
     ({"kind": "tokenize", "dir": "o", "tokenizer": "/etc/hosts", "out": "t"}, "absolute"),
     ({"kind": "shell", "command": "rm -rf /"}, "unknown job kind"),

@@ -40,6 +40,7 @@ def _validate_out(root: Path, out: object) -> str:
 
 
 def _validate_filter(root: Path, body: dict) -> dict:
+    from common.files import read_yaml
     from filters.config import build_filters, load_filter_config
     from pipeline.domains import load_dataset_manifest
     from pipeline.manifest import model_hashes
@@ -56,6 +57,11 @@ def _validate_filter(root: Path, body: dict) -> dict:
     cfg_path = None if config is None else confine(root, config, "config")
     if cfg_path is not None and not cfg_path.is_file():
         raise CurateError(f"config: {config!r} is not a file under the root")
+    # `plugins:` imports Python modules by name: whoever can submit a job must not choose code to import
+    # into the service (run such a config with `curate filter` directly)
+    if cfg_path is not None and isinstance(raw := read_yaml(cfg_path, "filter config"), dict) and "plugins" in raw:
+        raise CurateError("config: `plugins:` is not accepted by the service (it imports Python code); "
+                          "run that config with `curate filter` on the command line")
     cfg = load_filter_config(cfg_path)
     descriptions = [f.describe() for f in build_filters(cfg)]   # a missing model file fails here
     model_hashes(descriptions)
