@@ -18,15 +18,16 @@ from common.errors import CurateError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["submit", "list", "show", "wait", "cancel"])
+    p.add_argument("action", choices=["submit", "list", "show", "wait", "cancel"],
+                   help="submit a job, list jobs, show one, wait for one to end, or cancel one")
     p.add_argument("args", nargs="*", help="submit: KIND then key=value fields (inputs may repeat), or "
                                            "--json FILE; show/wait/cancel: JOB_ID")
     p.add_argument("--server", default=os.environ.get("CURATE_SERVER", "http://127.0.0.1:8765"),
-                   help="service URL (default $CURATE_SERVER or http://127.0.0.1:8765)")
-    p.add_argument("--token-file", help="file whose first line is the token (default $CURATE_TOKEN)")
+                   help="service URL (default: $CURATE_SERVER or http://127.0.0.1:8765)")
+    p.add_argument("--token-file", help="file whose first line is the token (default: $CURATE_TOKEN)")
     p.add_argument("--json", dest="json_file", help="submit: the job as a JSON file ('-' for stdin)")
     p.add_argument("--timeout", type=float, default=None, help="wait: give up after this many seconds")
-    p.add_argument("--interval", type=float, default=1.0, help="wait: seconds between polls (default 1)")
+    p.add_argument("--interval", type=float, default=1.0, help="wait: seconds between polls (default: 1)")
 
 
 def _token(token_file: str | None) -> str:

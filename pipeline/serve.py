@@ -18,14 +18,14 @@ from common.errors import CurateError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="directory everything the service reads and writes lies under")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, help="each job starts a LocalCluster of N worker processes (default 1)")
+    where.add_argument("--workers", type=int, help="each job starts a LocalCluster of N worker processes (default: 1)")
     where.add_argument("--scheduler", help="run jobs on a running Dask scheduler, e.g. tcp://head:8786")
     p.add_argument("--token-file", help="file whose first line is the API token (else $CURATE_TOKEN, else a "
                                         "random one written to ROOT/.curate/token)")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs run at the same time (default 1)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs run at the same time (default: 1)")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile")
 

@@ -223,7 +223,10 @@ class OutputLock:
         self.held = False
 
     def acquire(self) -> "OutputLock":
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command}
+        import psutil
+
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time(),
+              "command": self.command}
         for _ in range(2):          # a second try only after removing a stale lock
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -266,13 +269,20 @@ class OutputLock:
             return True
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
             return False
+        import psutil
+
         try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
+            p = psutil.Process(holder["pid"])
+            # a killed run whose parent died too stays a zombie until init reaps it; a pid that was
+            # handed to a later process started after the lock was taken
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return True
+            started = holder.get("started")
+            return isinstance(started, (int, float)) and abs(p.create_time() - started) > 1.0
+        except psutil.NoSuchProcess:
             return True
-        except PermissionError:         # alive, another user's
+        except psutil.AccessDenied:         # alive, another user's
             return False
-        return False
 
     def release(self) -> None:
         if self.held:

@@ -178,7 +178,7 @@ def test_sigkill_mid_job_then_restart_resumes_it(root, tmp_path):
         assert {reply["id"], queued["id"]} <= ids
         assert "resuming 1 job(s)" in s2.output()
         job = s2.wait_job(reply["id"])
-        assert job["status"] == "done", job
+        assert job["status"] == "done", (job.get("error"), s2.output()[-2000:])
         manifest = json.loads((root / "curated" / "k" / "manifest.json").read_text())
         assert manifest["shards"]["skipped"] >= done_before
         assert s2.wait_job(queued["id"])["status"] == "done"
