@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import curate
+from conftest import run_cli
 from pipeline.cli import main
 from pipeline.inspect import filter_stats, histograms, render_html, samples
 
@@ -22,15 +22,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def run_dir(sample_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect")
     for task in ("ads", "fluency"):
-        curate("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
-               "--out", out / f"{task}.bin", "--threads", "1", "--epoch", "10")
-    curate("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
+        run_cli("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
+                "--out", out / f"{task}.bin", "--threads", "1", "--epoch", "10")
+    run_cli("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
     config = out / "filters.yaml"
     config.write_text(yaml.safe_dump({
         "ads": {"model": "ads.bin", "drop_fraction": {"C4": 0.2, "CommonCrawl": 0.2}},
         "disfluency": {"kenlm": "lm.bin", "fluency_model": "fluency.bin", "fluency_drop_fraction": 0.1,
                        "drop_fraction": 0.05}}))
-    curate("filter", sample_dir / "train", "--out", out / "run", "--config", config, "--workers", "1", "--no-progress")
+    run_cli("filter", sample_dir / "train", "--out", out / "run", "--config", config, "--workers", "1", "--no-progress")
     return out / "run"
 
 
