@@ -140,7 +140,7 @@ def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifes
         remove_temporaries(out_dir)
         if resolved is None:
             cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json",
-                                    progress=progress)
+                                    progress=progress, max_line_bytes=max_line_bytes)
             h = run_hash(cfg, models, ds, max_line_bytes)      # calibration changes thresholds, not model files
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]

@@ -90,3 +90,22 @@ def test_bad_plugin_settings_are_refused(plugin_dir, tmp_path):
         config.write_text(yaml.safe_dump(cfg))
         proc = run_cli("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_calibration_reads_lines_as_the_run_does(plugin_dir, sample_dir, tmp_path):
+    """With --max-line-bytes, the calibration sample leaves out the lines the run skips as overlong:
+    the thresholds are fitted on the documents the run scores (the whole sample here)."""
+    config = tmp_path / "filters.yaml"
+    config.write_text(yaml.safe_dump({"plugins": ["caps_filter"], "caps": {"drop_fraction": 0.1}}))
+    out = tmp_path / "out"
+    run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress",
+            "--max-line-bytes", "1000")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["totals"]["malformed_by_kind"].get("line_too_long", 0) > 500
+    rows = pq.read_table([*glob.glob(str(out / "kept" / "*" / "*.parquet")), *glob.glob(str(out / "rejected" / "*"))],
+                         columns=["domain", "caps_score"]).to_pandas()
+    scored = rows[rows["caps_score"].notna()].groupby("domain").size().to_dict()
+    calibrated = m["config"]["caps"]["calibrated"]
+    assert calibrated["sample_docs"] == scored
+    # the same documents: the run removes exactly what the thresholds removed from the sample
+    assert calibrated["sample_removed"] == {d: m["totals"]["by_domain"][d]["removed"].get("caps", 0) for d in scored}
