@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="output directory of `curate filter`")
     p.add_argument("--domain", help="only this domain")
     p.add_argument("--reason", help="only documents removed for this reason (or `kept`)")
-    p.add_argument("-n", type=int, default=5, help="sampled documents per domain and reason (default 5)")
+    p.add_argument("-n", type=int, default=5, help="sampled documents per domain and reason (default: 5)")
     p.add_argument("--html", help="write one self-contained HTML page here instead of printing")
 
 

@@ -544,8 +544,8 @@ def write_sample(out: Path, seed: int = 0, docs_per_domain: int = 600, shards: i
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (the output is a function of it)")
-    p.add_argument("--docs-per-domain", type=int, default=600, help="shard documents per domain (default 600)")
-    p.add_argument("--shards", type=int, default=4, help="number of .jsonl.zst shards (default 4)")
+    p.add_argument("--docs-per-domain", type=int, default=600, help="shard documents per domain (default: 600)")
+    p.add_argument("--shards", type=int, default=4, help="number of .jsonl.zst shards (default: 4)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,11 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or train:VOCAB_SIZE to train a byte-level BPE on the kept text")
     p.add_argument("--out", required=True, help="output token directory TOKDIR")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
-                   help=f"held-out evaluation tokens per domain (default {DEFAULT_EVAL_TOKENS})")
+                   help=f"held-out evaluation tokens per domain (default: {DEFAULT_EVAL_TOKENS})")
     p.add_argument("--batch-docs", type=int, default=DEFAULT_BATCH_DOCS,
-                   help=f"documents per encode_batch call (default {DEFAULT_BATCH_DOCS})")
+                   help=f"documents per encode_batch call (default: {DEFAULT_BATCH_DOCS})")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, default=None, help="local Dask worker processes (default 1)")
+    g.add_argument("--workers", type=int, default=None, help="local Dask worker processes (default: 1)")
     g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     add_progress_argument(p)
 
