@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import CurateError
-from common.files import write_atomic
+from common.files import read_manifest, write_atomic
 
 KEPT = "kept"
 BASE_COLUMNS = ("id", "domain")
@@ -59,17 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- reading
-def manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
-        raise CurateError(f"{path} does not exist: give the --out directory of `curate filter`")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CurateError(f"{path} is not valid JSON: {e}") from e
-    if m.get("kind") != "filter":
-        raise CurateError(f"{path} is not the manifest of a `curate filter` run")
-    return m
+def manifest(out_dir: str | Path) -> dict:
+    return read_manifest(out_dir, "filter")
 
 
 def _files(out_dir: Path) -> tuple[list[Path], list[Path]]:

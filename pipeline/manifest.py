@@ -16,9 +16,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from common.errors import CurateError
 from pipeline.readers import UNKNOWN_DOMAIN
-from common.files import write_atomic
+from common.files import read_manifest, write_atomic
 
 MALFORMED = "malformed:"
 PACKAGES = ("llama-moe-curate", "dask", "distributed", "pyarrow", "fsspec", "zstandard", "numpy",
@@ -132,13 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    path = Path(args.dir) / "manifest.json"
-    if not path.is_file():
-        raise CurateError(f"{path} does not exist: give the --out directory of `curate filter` or `curate tokenize`")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CurateError(f"{path} is not valid JSON: {e}") from e
+    m = read_manifest(args.dir, "filter", "tokenize", other_kinds=True)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if m.get("kind") == "filter":
         console.print(filter_table(m))
