@@ -263,7 +263,7 @@ class Writer:
         var = r.choice("xyzuvw")
         sym = r.choice(["\\alpha", "\\beta", "\\lambda", "\\theta", "\\sigma"])
         k = r.choice("nmkd")
-        out = [f"\\section{{Introduction}}",
+        out = ["\\section{Introduction}",
                f"We study the {method} of {plural(n1)} and {plural(n2)}. "
                f"Let ${var} \\in \\mathbb{{R}}^{k}$ and let ${sym} > 0$ be a {r.choice(MATH_ADJ)} parameter. "
                f"Previous work \\cite{{{r.choice(LAST).lower()}{r.randint(1995, 2023)}}} considered the case ${sym} = {r.randint(1, 9)}$.",

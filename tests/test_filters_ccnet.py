@@ -4,7 +4,6 @@ own code (`SentencePiece(normalize=True)` -> `DocLM(normalize=False)`, cc_net/mi
 from __future__ import annotations
 
 import glob
-import io
 import json
 import sys
 import tarfile
