@@ -86,3 +86,18 @@ def test_html_is_self_contained_and_renders_offline_in_chromium(run_dir, tmp_pat
     subprocess.run([CHROMIUM, *flags, "--window-size=1300,1400", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000          # a page with drawings, not a blank one
+
+
+def test_shards_of_another_run_in_the_folder_are_left_out(sample_dir, tmp_path):
+    """A second run over fewer inputs leaves the other shards' files in --out uncounted
+    (`other_shards_in_out`); inspect and stats.json leave them out too, as the manifest's totals do."""
+    out = tmp_path / "out"
+    run_cli("filter", sample_dir / "train", "--out", out, "--workers", "1", "--no-progress")
+    one = sorted((sample_dir / "train").rglob("*.jsonl.zst"))[0]
+    run_cli("filter", one, "--out", out, "--workers", "1", "--no-progress")
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["other_shards_in_out"]) == 3
+    docs = samples(out, n=10**6)
+    assert sum(len(g) for groups in docs.values() for g in groups.values()) == m["totals"]["docs_in"]
+    assert {d["id"].rsplit(":", 1)[0] for groups in docs.values() for g in groups.values() for d in g} \
+        == {one.name.removesuffix(".jsonl.zst")}
