@@ -94,13 +94,19 @@ def write_json(path: Path, obj: dict) -> None:
 
 def read_shard_manifest(out_dir: Path, shard_id: str) -> dict | None:
     """The shard's manifest, or None when absent or unreadable (then the shard is redone)."""
-    p = shard_manifest_path(out_dir, shard_id)
+    return read_json_object(shard_manifest_path(out_dir, shard_id))
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when the file is absent or holds anything else (only
+    possible if written by something else: atomic writes never leave half a file)."""
     try:
-        return json.loads(p.read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None       # only possible if written by something else: atomic writes never leave half a file
+    except ValueError:          # JSONDecodeError, UnicodeDecodeError
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def package_versions() -> dict[str, str]:

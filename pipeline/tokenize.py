@@ -43,7 +43,7 @@ import numpy as np
 
 from common.errors import CurateError
 from common.progress import Progress, add_progress_argument
-from pipeline.manifest import write_json
+from pipeline.manifest import read_json_object, write_json
 from common.files import temporary_path, write_atomic
 from pipeline.writers import remove_temporaries
 
@@ -442,12 +442,7 @@ def _domain_order(domains: list[str]) -> list[str]:
 
 
 def _read_marker(prefix: str) -> dict | None:
-    try:
-        return json.loads(_marker(prefix).read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        return None     # not ours (our writes are atomic): redo the shard
+    return read_json_object(_marker(prefix))     # None: absent, or not ours; the shard is redone
 
 
 def _outputs_exist(prefix: str) -> bool:

@@ -62,3 +62,19 @@ def test_inspect_and_packed_tokens_refuse_the_other_kind(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "filter"}))
     with pytest.raises(CurateError, match="'filter' manifest, not the manifest of `curate tokenize`"):
         PackedTokens(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"[]", b"\xff\xfe binary", b'"done"'])
+def test_a_foreign_shard_manifest_means_redo_the_shard(content, sample_dir, tmp_path):
+    from pipeline.tokenize import _read_marker
+
+    out = tmp_path / "out"
+    run_cli("filter", sample_dir / "train", "--out", out, "--no-progress")
+    first = json.loads((out / "manifest.json").read_text())
+    victim = sorted((out / "shards").glob("*.json"))[0]
+    victim.write_bytes(content)
+    run_cli("filter", sample_dir / "train", "--out", out, "--no-progress")
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["shards"]["skipped"] == first["shards"]["total"] - 1 and again["totals"] == first["totals"]
+    (tmp_path / "m.json").write_bytes(content)
+    assert _read_marker(tmp_path / "m") is None          # the same for a tokenize shard marker
