@@ -73,6 +73,18 @@ def sample_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_models(sample_dir, tmp_path_factory) -> Path:
+    """ads.bin and fluency.bin (`curate train-classifier`) and lm.bin (`curate train-lm`, order 3) trained
+    on the sample's labels and lm.txt, once per session; tests may write beside them, never over them."""
+    out = tmp_path_factory.mktemp("sample-models")
+    for task in ("ads", "fluency"):
+        run_cli("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
+                "--out", out / f"{task}.bin", "--bucket", "100000", "--threads", "1", "--epoch", "10")
+    run_cli("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_sample() -> Path:
     """The real RedPajama sample in ../shared, or skip when it is absent."""
     if not SHARED_SAMPLE.is_dir():

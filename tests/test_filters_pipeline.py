@@ -12,17 +12,10 @@ import yaml
 
 from conftest import run_cli
 
-SMALL = ("--bucket", "100000", "--threads", "1", "--epoch", "10")
-
-
 @pytest.fixture(scope="module")
-def model_dir(sample_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline-models")
-    for task in ("ads", "fluency"):
-        run_cli("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
-                "--out", out / f"{task}.bin", *SMALL)
-    run_cli("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
-    return out
+def model_dir(sample_models):
+    """conftest's models trained on the sample (ads.bin, fluency.bin, lm.bin)."""
+    return sample_models
 
 
 def _write_config(path, cfg: dict):

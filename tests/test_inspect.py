@@ -18,17 +18,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def run_dir(sample_dir, tmp_path_factory):
+def run_dir(sample_dir, sample_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect")
-    for task in ("ads", "fluency"):
-        run_cli("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
-                "--out", out / f"{task}.bin", "--threads", "1", "--epoch", "10")
-    run_cli("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
     config = out / "filters.yaml"
     config.write_text(yaml.safe_dump({
-        "ads": {"model": "ads.bin", "drop_fraction": {"C4": 0.2, "CommonCrawl": 0.2}},
-        "disfluency": {"kenlm": "lm.bin", "fluency_model": "fluency.bin", "fluency_drop_fraction": 0.1,
-                       "drop_fraction": 0.05}}))
+        "ads": {"model": str(sample_models / "ads.bin"), "drop_fraction": {"C4": 0.2, "CommonCrawl": 0.2}},
+        "disfluency": {"kenlm": str(sample_models / "lm.bin"), "fluency_model": str(sample_models / "fluency.bin"),
+                       "fluency_drop_fraction": 0.1, "drop_fraction": 0.05}}))
     run_cli("filter", sample_dir / "train", "--out", out / "run", "--config", config, "--workers", "1", "--no-progress")
     return out / "run"
 
