@@ -194,16 +194,22 @@ def overshoot(cfg: FilterConfig, totals: dict) -> list[str]:
     """After a run: warnings for every domain a calibrated rule removed far more of (over twice its
     drop fraction, and 5 points more) than asked, as when the run's data differs from the sample.
     A rule's share is of the documents reaching it, as its drop fraction is."""
+    from filters.fluency import BOTH, FLUENCY, PERPLEXITY
+
+    # every model rule's reasons in chain order, calibrated or not: each sees what the earlier ones keep
+    order = ["ads", *(c.name for c in cfg.classifiers), FLUENCY, PERPLEXITY, BOTH, *cfg.extra]
     out = []
     for d, c in sorted(totals.get("by_domain", {}).items()):
-        reach = c["docs_in"] - c["malformed"] - c["removed"].get("length", 0)
+        start = c["docs_in"] - c["malformed"] - c["removed"].get("length", 0)
         for name, rec in calibration_records(cfg):
             fraction = rec["drop_fraction"]
             f = fraction.get(d) if isinstance(fraction, dict) else fraction
-            removed = sum(c["removed"].get(r, 0) for r in _rule_reasons(cfg, name))
+            reasons = _rule_reasons(cfg, name)
+            first = min(order.index(r) for r in reasons)
+            reach = start - sum(c["removed"].get(r, 0) for r in order[:first])
+            removed = sum(c["removed"].get(r, 0) for r in reasons)
             if f is not None and reach > 0 and removed / reach > max(2 * f, f + 0.05):
                 out.append(f"warning: {name} removed {removed} of {reach} {d} documents ({removed / reach:.0%}) "
                            f"while its drop_fraction asked for {f:.0%}: the calibration sample does not "
                            f"represent this domain (see calibration.json, raise calibration.max_docs)")
-            reach -= removed
     return out
