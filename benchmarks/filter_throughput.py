@@ -86,7 +86,7 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=REAL_SAMPLE, help="SlimPajama shards to replicate")
     ap.add_argument("--config", help="filter config YAML (default: length filter only)")
     ap.add_argument("--target-mb", type=float, default=100, help="uncompressed JSONL to process, in MB")
-    ap.add_argument("--workers", default="1,2", help="worker counts to measure (default 1,2)")
+    ap.add_argument("--workers", default="1,2", help="worker counts to measure (default: 1,2)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.md")
     ap.add_argument("--note", default="", help="a line added to the results (e.g. 'machine shared with 4 other jobs')")
     args = ap.parse_args()

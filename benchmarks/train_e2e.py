@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--global-batch-tokens", type=int, default=None, help="default: one micro-batch per rank")
+    p.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per optimiser step (default: one micro-batch per rank)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--reweight-every-steps", type=int, default=50)

@@ -71,6 +71,25 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_manifest(out_dir: str | Path, *kinds: str, other_kinds: bool = False) -> dict:
+    """OUT_DIR/manifest.json of a `curate <kind>` output, one of `kinds` (any JSON object with
+    `other_kinds`); a CurateError saying what is wrong when it is missing, not JSON (or not text),
+    or the manifest of another command."""
+    path = Path(out_dir) / "manifest.json"
+    named = " or ".join(f"`curate {k}`" for k in kinds)
+    if not path.is_file():
+        raise CurateError(f"{path} does not exist: give the --out directory of {named}")
+    try:
+        m = json.loads(path.read_text())
+    except ValueError as e:         # JSONDecodeError, and UnicodeDecodeError for a binary file
+        raise CurateError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(m, dict):
+        raise CurateError(f"{path} holds a JSON {type(m).__name__}, not the manifest of {named}")
+    if m.get("kind") not in kinds and not other_kinds:
+        raise CurateError(f"{path} is a {m.get('kind')!r} manifest, not the manifest of {named}")
+    return m
+
+
 def file_sha256(path: str | Path, what: str = "model") -> str:
     """sha256 of a model file, with a clear error when it is missing.
 
@@ -97,10 +116,7 @@ def file_sha256(path: str | Path, what: str = "model") -> str:
     cache = {k: v for k, v in cache.items() if os.path.exists(k)}
     cache[key] = {"stamp": stamp, "sha256": digest}
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)     # atomic: concurrent runs never read half a file
+        write_atomic(cache_file, json.dumps(cache).encode())     # concurrent runs never read half a file
     except OSError:
         pass    # an unwritable cache directory only means hashing again next time
     return digest

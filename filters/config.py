@@ -533,14 +533,23 @@ def _disfluency_removes(d: DisfluencyConfig, scores: dict, dom: np.ndarray) -> n
 def _calibrate_plugin(cls, sec: dict, p: np.ndarray, dom: np.ndarray, alive: np.ndarray) -> dict:
     if sec["drop_fraction"] is None:
         return sec
+    default, thresholds, record = _threshold_rule(cls.section, cls.keep_if, sec["drop_fraction"], p, dom, alive)
+    return {**sec, "threshold": sec["threshold"] if default is None else default,
+            "thresholds": {**sec["thresholds"], **thresholds}, "drop_fraction": None, "calibrated": record}
+
+
+def _threshold_rule(name: str, keep_if: str, fraction: PerDomain, p: np.ndarray, dom: np.ndarray,
+                    alive: np.ndarray) -> tuple[float | None, dict[str, float], dict]:
+    """(default threshold or None, per-domain thresholds, calibration record) removing `fraction` of
+    the scores of the documents still alive. keep_if high removes the lowest scores: calibrated on
+    -p, the rule `p < t` being `-p > -t`."""
     p = np.where(alive, np.asarray(p, dtype=np.float64), np.nan)
-    high = cls.keep_if == "high"
-    res = domain_thresholds(-p if high else p, dom, sec["drop_fraction"], inclusive=not high)
-    _check_sampled(cls.section, sec["drop_fraction"], res)
+    high = keep_if == "high"
+    res = domain_thresholds(-p if high else p, dom, fraction, inclusive=not high)
+    _check_sampled(name, fraction, res)
     sign = -1.0 if high else 1.0
-    return {**sec, "threshold": sec["threshold"] if res.default is None else sign * res.default,
-            "thresholds": {**sec["thresholds"], **{k: sign * v for k, v in res.thresholds.items()}},
-            "drop_fraction": None, "calibrated": res.record(sec["drop_fraction"])}
+    return (None if res.default is None else sign * res.default,
+            {k: sign * v for k, v in res.thresholds.items()}, res.record(fraction))
 
 
 def _calibrate_disfluency(cfg: FilterConfig, out: FilterConfig, scores: dict, dom: np.ndarray,
@@ -575,20 +584,12 @@ def _calibrate_disfluency(cfg: FilterConfig, out: FilterConfig, scores: dict, do
 
 
 def _calibrate_classifier(sec, name: str, keep_if: str, p: np.ndarray, dom: np.ndarray, alive: np.ndarray):
-    """A classifier section with its drop_fraction turned into thresholds (unchanged without one).
-    keep_if high removes the lowest scores: calibrated on -p, the rule `p < t` being `-p > -t`."""
+    """A classifier section with its drop_fraction turned into thresholds (unchanged without one)."""
     if sec.drop_fraction is None:
         return sec
-    p = np.where(alive, np.asarray(p, dtype=np.float64), np.nan)
-    high = keep_if == "high"
-    res = domain_thresholds(-p if high else p, dom, sec.drop_fraction, inclusive=not high)
-    _check_sampled(name, sec.drop_fraction, res)
-    if high:
-        res.thresholds = {k: -v for k, v in res.thresholds.items()}
-        res.default = None if res.default is None else -res.default
-    return dataclasses.replace(sec, threshold=sec.threshold if res.default is None else res.default,
-                               thresholds={**sec.thresholds, **res.thresholds}, drop_fraction=None,
-                               calibrated=res.record(sec.drop_fraction))
+    default, thresholds, record = _threshold_rule(name, keep_if, sec.drop_fraction, p, dom, alive)
+    return dataclasses.replace(sec, threshold=sec.threshold if default is None else default,
+                               thresholds={**sec.thresholds, **thresholds}, drop_fraction=None, calibrated=record)
 
 
 def small_samples(cfg: FilterConfig) -> list[str]:

@@ -92,17 +92,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", help="column / key holding the text (default: text)")
     p.add_argument("--label-field", help="column / key holding the label (default: label)")
     p.add_argument("--autotune", action="store_true", help="search hyperparameters on the validation data (F1 of the positive class)")
-    p.add_argument("--autotune-duration", type=int, default=300, help="seconds of autotune search (default 300)")
+    p.add_argument("--autotune-duration", type=int, default=300, help="seconds of autotune search (default: 300)")
     for name, kind in (("lr", float), ("epoch", int), ("wordNgrams", int), ("dim", int), ("minCount", int),
                        ("bucket", int)):
         flag = re.sub(r"([a-z])([A-Z])", r"\1-\2", name).lower()      # wordNgrams -> --word-ngrams
         default = "chosen from the data's word n-grams" if DEFAULTS[name] is None else DEFAULTS[name]
         p.add_argument(f"--{flag}", dest=name, type=kind, default=DEFAULTS[name],
-                       help=f"fastText {name} (default {default})")
+                       help=f"fastText {name} (default: {default})")
         if flag != name:        # fastText's own spelling, still accepted
             p.add_argument(f"--{name}", dest=name, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--loss", default=DEFAULTS["loss"], choices=("softmax", "ns", "hs", "ova"), help="fastText loss (default softmax)")
-    p.add_argument("--threshold", type=float, default=0.5, help="p(positive) at which the report counts a positive (default 0.5)")
+    p.add_argument("--loss", default=DEFAULTS["loss"], choices=("softmax", "ns", "hs", "ova"), help="fastText loss (default: softmax)")
+    p.add_argument("--threshold", type=float, default=0.5, help="p(positive) at which the report counts a positive (default: 0.5)")
     p.add_argument("--no-refit", action="store_true", help="keep the model trained without the held-out part")
     p.add_argument("--quantize", action="store_true", help="quantize the model (much smaller file, slightly less accurate)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="training threads (1 = reproducible)")

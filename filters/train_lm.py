@@ -34,9 +34,9 @@ MAX_ORDER = 6        # filters/build_kenlm.sh builds KenLM with KENLM_MAX_ORDER=
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="training text, one paragraph or sentence per line")
-    p.add_argument("--order", type=int, default=5, help=f"n-gram order, 2..{MAX_ORDER} (default 5)")
+    p.add_argument("--order", type=int, default=5, help=f"n-gram order, 2..{MAX_ORDER} (default: 5)")
     p.add_argument("--out", required=True, help="binary KenLM model to write")
-    p.add_argument("--memory", default="20%", help="lmplz sorting memory (-S), e.g. 2G or 20%% (default 20%%)")
+    p.add_argument("--memory", default="20%", help="lmplz sorting memory (-S), e.g. 2G or 20%% (default: 20%%)")
     p.add_argument("--binary-type", choices=("probing", "trie"), default="probing",
                    help="build_binary data structure: probing (fastest) or trie (smallest)")
     p.add_argument("--sentencepiece", type=int, metavar="VOCAB",

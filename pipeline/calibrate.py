@@ -26,7 +26,7 @@ from filters.config import (FilterConfig, calibrate_config, calibration_records,
 from common.errors import CurateError
 from common.progress import Progress
 from pipeline.domains import DatasetManifest
-from pipeline.readers import Shard, ShardReadError, read_shard
+from pipeline.readers import MAX_LINE_BYTES, Shard, ShardReadError, read_shard
 from pipeline.stages import worker_chain
 from common.files import write_atomic
 
@@ -47,13 +47,15 @@ def sample_shards(shards: list[Shard], max_shards: int) -> list[Shard]:
     return [shards[i] for i in picks]
 
 
-def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int, run_key: str) -> dict:
+def score_sample(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, limit: int, run_key: str,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> dict:
     """Runs on a worker: the first `limit` documents of a shard, their domains and every score the
-    chain's models give (NaN where a model does not score a document). Documents the rule-based
-    filters (length) reject are left out: the models never see them in the run either."""
+    chain's models give (NaN where a model does not score a document). Lines are read as the run
+    reads them (`max_line_bytes`), and documents the rule-based filters (length) reject are left
+    out: the models never see either in the run."""
     texts, domains = [], []
     try:
-        for rec in read_shard(shard, dataset):
+        for rec in read_shard(shard, dataset, max_line_bytes):
             if rec.malformed is None:
                 texts.append(rec.text)
                 domains.append(rec.domain)
@@ -143,7 +145,8 @@ def known(cfg: FilterConfig, shards: list[Shard], run_key: str, cache: str | Pat
 
 
 def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, client,
-            run_key: str, cache: str | Path | None = None, progress: bool = True) -> FilterConfig:
+            run_key: str, cache: str | Path | None = None, progress: bool = True,
+            max_line_bytes: int = MAX_LINE_BYTES) -> FilterConfig:
     """The config with every `drop_fraction` replaced by calibrated thresholds (unchanged if none).
     `run_key` is `stages.run_hash` of `cfg`: it names the workers' loaded chain (reused here) and
     keys the cached thresholds."""
@@ -154,7 +157,7 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
         return cfg
     picked, per_shard, key = _sample(cfg, shards, run_key)
     futures = client.map(score_sample, picked, cfg=cfg, dataset=dataset, limit=per_shard, run_key=run_key,
-                         key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
+                         max_line_bytes=max_line_bytes, key=[f"curate-calibrate-{key[:8]}-{s.id}" for s in picked])
     from distributed import as_completed
     with Progress(len(picked), "calibrate", unit="shard", enabled=progress) as bar:
         for _ in as_completed(futures):
@@ -191,16 +194,22 @@ def overshoot(cfg: FilterConfig, totals: dict) -> list[str]:
     """After a run: warnings for every domain a calibrated rule removed far more of (over twice its
     drop fraction, and 5 points more) than asked, as when the run's data differs from the sample.
     A rule's share is of the documents reaching it, as its drop fraction is."""
+    from filters.fluency import BOTH, FLUENCY, PERPLEXITY
+
+    # every model rule's reasons in chain order, calibrated or not: each sees what the earlier ones keep
+    order = ["ads", *(c.name for c in cfg.classifiers), FLUENCY, PERPLEXITY, BOTH, *cfg.extra]
     out = []
     for d, c in sorted(totals.get("by_domain", {}).items()):
-        reach = c["docs_in"] - c["malformed"] - c["removed"].get("length", 0)
+        start = c["docs_in"] - c["malformed"] - c["removed"].get("length", 0)
         for name, rec in calibration_records(cfg):
             fraction = rec["drop_fraction"]
             f = fraction.get(d) if isinstance(fraction, dict) else fraction
-            removed = sum(c["removed"].get(r, 0) for r in _rule_reasons(cfg, name))
+            reasons = _rule_reasons(cfg, name)
+            first = min(order.index(r) for r in reasons)
+            reach = start - sum(c["removed"].get(r, 0) for r in order[:first])
+            removed = sum(c["removed"].get(r, 0) for r in reasons)
             if f is not None and reach > 0 and removed / reach > max(2 * f, f + 0.05):
                 out.append(f"warning: {name} removed {removed} of {reach} {d} documents ({removed / reach:.0%}) "
                            f"while its drop_fraction asked for {f:.0%}: the calibration sample does not "
                            f"represent this domain (see calibration.json, raise calibration.max_docs)")
-            reach -= removed
     return out

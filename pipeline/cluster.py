@@ -15,8 +15,12 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import CurateError
+
+if TYPE_CHECKING:
+    import distributed
 
 
 def _local_cluster_config() -> dict:

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (local, or shared by all workers of a remote cluster)")
     p.add_argument("--config", help="filter config YAML (default: the length filter only)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes (default 1)")
+    where.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes (default: 1)")
     where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--dataset", help="dataset manifest YAML naming domains and fields "
                                      "(default: data_manifests/slimpajama.yaml)")
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_argument(p)
     p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
                    help="a longer input line is skipped to its newline as malformed:line_too_long "
-                        f"(default {MAX_LINE_BYTES >> 20} MiB); it also bounds the memory one line takes")
+                        f"(default: {MAX_LINE_BYTES >> 20} MiB); it also bounds the memory one line takes")
     p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                    help="serve the Dask dashboard of a local cluster on 127.0.0.1 (default: on)")
     add_tls_arguments(p)
@@ -140,7 +140,7 @@ def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifes
         remove_temporaries(out_dir)
         if resolved is None:
             cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json",
-                                    progress=progress)
+                                    progress=progress, max_line_bytes=max_line_bytes)
             h = run_hash(cfg, models, ds, max_line_bytes)      # calibration changes thresholds, not model files
         chain = build_filters(cfg)
         descriptions = [f.describe() for f in chain]

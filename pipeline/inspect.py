@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import CurateError
-from common.files import write_atomic
+from common.files import read_manifest, write_atomic
 
 KEPT = "kept"
 BASE_COLUMNS = ("id", "domain")
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="output directory of `curate filter`")
     p.add_argument("--domain", help="only this domain")
     p.add_argument("--reason", help="only documents removed for this reason (or `kept`)")
-    p.add_argument("-n", type=int, default=5, help="sampled documents per domain and reason (default 5)")
+    p.add_argument("-n", type=int, default=5, help="sampled documents per domain and reason (default: 5)")
     p.add_argument("--html", help="write one self-contained HTML page here instead of printing")
 
 
@@ -59,31 +59,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- reading
-def manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
-        raise CurateError(f"{path} does not exist: give the --out directory of `curate filter`")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CurateError(f"{path} is not valid JSON: {e}") from e
-    if m.get("kind") != "filter":
-        raise CurateError(f"{path} is not the manifest of a `curate filter` run")
-    return m
+def manifest(out_dir: str | Path) -> dict:
+    return read_manifest(out_dir, "filter")
 
 
-def _files(out_dir: Path) -> tuple[list[Path], list[Path]]:
-    kept = sorted((out_dir / "kept").glob("*/*.parquet"))
-    rejected = sorted((out_dir / "rejected").glob("*.parquet"))
+def _files(out_dir: Path, m: dict) -> tuple[list[Path], list[Path]]:
+    """The run's output files: not those of shards another run left in the folder, which its
+    counts leave out too (`other_shards_in_out`)."""
+    other = set(m.get("other_shards_in_out") or ())
+    kept = sorted(p for p in (out_dir / "kept").glob("*/*.parquet") if p.stem not in other)
+    rejected = sorted(p for p in (out_dir / "rejected").glob("*.parquet") if p.stem not in other)
     return kept, rejected
 
 
-def scores_table(out_dir: Path, columns: list[str], with_text: bool = False):
-    """One pandas frame of every document: id, domain, reason (`kept` for kept ones), the scores."""
+def scores_table(out_dir: Path, columns: list[str], with_text: bool = False, m: dict | None = None):
+    """One pandas frame of every document of the run (its manifest `m`, read when not given): id,
+    domain, reason (`kept` for kept ones), the scores."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    kept, rejected = _files(out_dir)
+    kept, rejected = _files(out_dir, manifest(out_dir) if m is None else m)
     want = [*BASE_COLUMNS, *columns, *(["text"] if with_text else [])]
     frames = []
     for path, is_kept in [(p, True) for p in kept] + [(p, False) for p in rejected]:
@@ -143,7 +138,7 @@ def histograms(out_dir: str | Path, bins: int = 30) -> dict:
     out_dir = Path(out_dir)
     m = manifest(out_dir)
     columns = score_columns(m)
-    table = scores_table(out_dir, columns)
+    table = scores_table(out_dir, columns, m=m)
     result: dict = {"columns": columns, "domains": {}}
     for domain in sorted(table["domain"].unique()) if len(table) else []:
         part = table[table["domain"] == domain]
@@ -159,7 +154,7 @@ def histograms(out_dir: str | Path, bins: int = 30) -> dict:
             lo, hi = float(v.min()), float(v.max())
             if t is not None:
                 tv = math.log10(max(t, 1e-12)) if log else t
-                if not log and col != "perplexity" and 0 <= lo and hi <= 1:
+                if not log and 0 <= lo and hi <= 1:
                     lo, hi = 0.0, 1.0
                 lo, hi = min(lo, tv), max(hi, tv)
             elif 0 <= lo and hi <= 1:
@@ -180,7 +175,7 @@ def samples(out_dir: str | Path, n: int = 5, domain: str | None = None, reason: 
     out_dir = Path(out_dir)
     m = manifest(out_dir)
     columns = score_columns(m)
-    table = scores_table(out_dir, columns, with_text=True)
+    table = scores_table(out_dir, columns, with_text=True, m=m)
     if domain is not None:
         table = table[table["domain"] == domain]
     if reason is not None:
@@ -204,7 +199,7 @@ def filter_stats(out_dir: str | Path) -> dict:
     m = manifest(out_dir)
     t = m["totals"]
     columns = score_columns(m)
-    table = scores_table(out_dir, columns)
+    table = scores_table(out_dir, columns, m=m)
     stats: dict = {"docs_in": t["docs_in"], "kept": t["kept"], "malformed": t["malformed"], "reasons": {},
                    "scores": {}}
     for r, n in sorted(t["removed"].items()):

@@ -16,9 +16,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from common.errors import CurateError
 from pipeline.readers import UNKNOWN_DOMAIN
-from common.files import write_atomic
+from common.files import read_manifest, write_atomic
 
 MALFORMED = "malformed:"
 PACKAGES = ("llama-moe-curate", "dask", "distributed", "pyarrow", "fsspec", "zstandard", "numpy",
@@ -95,13 +94,19 @@ def write_json(path: Path, obj: dict) -> None:
 
 def read_shard_manifest(out_dir: Path, shard_id: str) -> dict | None:
     """The shard's manifest, or None when absent or unreadable (then the shard is redone)."""
-    p = shard_manifest_path(out_dir, shard_id)
+    return read_json_object(shard_manifest_path(out_dir, shard_id))
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when the file is absent or holds anything else (only
+    possible if written by something else: atomic writes never leave half a file)."""
     try:
-        return json.loads(p.read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None       # only possible if written by something else: atomic writes never leave half a file
+    except ValueError:          # JSONDecodeError, UnicodeDecodeError
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def package_versions() -> dict[str, str]:
@@ -132,13 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    path = Path(args.dir) / "manifest.json"
-    if not path.is_file():
-        raise CurateError(f"{path} does not exist: give the --out directory of `curate filter` or `curate tokenize`")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CurateError(f"{path} is not valid JSON: {e}") from e
+    m = read_manifest(args.dir, "filter", "tokenize", other_kinds=True)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if m.get("kind") == "filter":
         console.print(filter_table(m))

@@ -263,7 +263,7 @@ class Writer:
         var = r.choice("xyzuvw")
         sym = r.choice(["\\alpha", "\\beta", "\\lambda", "\\theta", "\\sigma"])
         k = r.choice("nmkd")
-        out = [f"\\section{{Introduction}}",
+        out = ["\\section{Introduction}",
                f"We study the {method} of {plural(n1)} and {plural(n2)}. "
                f"Let ${var} \\in \\mathbb{{R}}^{k}$ and let ${sym} > 0$ be a {r.choice(MATH_ADJ)} parameter. "
                f"Previous work \\cite{{{r.choice(LAST).lower()}{r.randint(1995, 2023)}}} considered the case ${sym} = {r.randint(1, 9)}$.",
@@ -544,8 +544,8 @@ def write_sample(out: Path, seed: int = 0, docs_per_domain: int = 600, shards: i
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (the output is a function of it)")
-    p.add_argument("--docs-per-domain", type=int, default=600, help="shard documents per domain (default 600)")
-    p.add_argument("--shards", type=int, default=4, help="number of .jsonl.zst shards (default 4)")
+    p.add_argument("--docs-per-domain", type=int, default=600, help="shard documents per domain (default: 600)")
+    p.add_argument("--shards", type=int, default=4, help="number of .jsonl.zst shards (default: 4)")
 
 
 def run(args: argparse.Namespace) -> int:

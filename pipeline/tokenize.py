@@ -43,7 +43,7 @@ import numpy as np
 
 from common.errors import CurateError
 from common.progress import Progress, add_progress_argument
-from pipeline.manifest import write_json
+from pipeline.manifest import read_json_object, write_json
 from common.files import temporary_path, write_atomic
 from pipeline.writers import remove_temporaries
 
@@ -60,11 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or train:VOCAB_SIZE to train a byte-level BPE on the kept text")
     p.add_argument("--out", required=True, help="output token directory TOKDIR")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
-                   help=f"held-out evaluation tokens per domain (default {DEFAULT_EVAL_TOKENS})")
+                   help=f"held-out evaluation tokens per domain (default: {DEFAULT_EVAL_TOKENS})")
     p.add_argument("--batch-docs", type=int, default=DEFAULT_BATCH_DOCS,
-                   help=f"documents per encode_batch call (default {DEFAULT_BATCH_DOCS})")
+                   help=f"documents per encode_batch call (default: {DEFAULT_BATCH_DOCS})")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, default=None, help="local Dask worker processes (default 1)")
+    g.add_argument("--workers", type=int, default=None, help="local Dask worker processes (default: 1)")
     g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     add_progress_argument(p)
 
@@ -442,12 +442,7 @@ def _domain_order(domains: list[str]) -> list[str]:
 
 
 def _read_marker(prefix: str) -> dict | None:
-    try:
-        return json.loads(_marker(prefix).read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        return None     # not ours (our writes are atomic): redo the shard
+    return read_json_object(_marker(prefix))     # None: absent, or not ours; the shard is redone
 
 
 def _outputs_exist(prefix: str) -> bool:

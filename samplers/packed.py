@@ -17,26 +17,18 @@ workers as a path and each worker maps the files itself.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import CurateError
+from common.files import read_manifest
 
 
 class PackedTokens:
     def __init__(self, tokdir: str | Path) -> None:
         self.root = Path(tokdir)
-        path = self.root / "manifest.json"
-        if not path.is_file():
-            raise CurateError(f"{path} does not exist: give the --out directory of a finished `curate tokenize`")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CurateError(f"{path} is not valid JSON: {e}") from e
-        if self.manifest.get("kind") != "tokenize":
-            raise CurateError(f"{path} is a {self.manifest.get('kind')!r} manifest, not a `curate tokenize` output")
+        self.manifest = read_manifest(self.root, "tokenize")
         self.dtype = np.dtype(self.manifest["dtype"])
         self._domains = self.manifest["domains"]
         self._maps: dict[str, list[np.memmap | None]] = {}

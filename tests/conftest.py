@@ -73,6 +73,18 @@ def sample_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_models(sample_dir, tmp_path_factory) -> Path:
+    """ads.bin and fluency.bin (`curate train-classifier`) and lm.bin (`curate train-lm`, order 3) trained
+    on the sample's labels and lm.txt, once per session; tests may write beside them, never over them."""
+    out = tmp_path_factory.mktemp("sample-models")
+    for task in ("ads", "fluency"):
+        run_cli("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
+                "--out", out / f"{task}.bin", "--bucket", "100000", "--threads", "1", "--epoch", "10")
+    run_cli("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_sample() -> Path:
     """The real RedPajama sample in ../shared, or skip when it is absent."""
     if not SHARED_SAMPLE.is_dir():
@@ -103,20 +115,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def external_dask_cluster(log_dir: Path, nworkers: int):
-    """A real `dask scheduler` and `dask worker` processes on loopback; yields the scheduler address."""
+def external_dask_cluster(log_dir: Path, nworkers: int, tls: list[str] | tuple[str, ...] = (), security=None):
+    """A real `dask scheduler` and `dask worker` processes on loopback; yields the scheduler address.
+    tls: the `--tls-*` options both are started with (then the address is tls://), and `security`
+    the client's matching distributed.security.Security for the readiness check."""
     from distributed import Client
 
     port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    address = f"{'tls' if tls else 'tcp'}://127.0.0.1:{port}"
     dask = str(VENV_BIN / "dask")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = (Path(log_dir) / "dask.log").open("w")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=log, stderr=subprocess.STDOUT)]
+    protocol = ["--protocol", "tls"] if tls else []
+    procs = [subprocess.Popen([dask, "scheduler", *protocol, "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard", *tls], stdout=log, stderr=subprocess.STDOUT, env=env)]
     try:
         procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", str(nworkers), "--nthreads", "1",
-                                       "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT))
-        with Client(address, timeout="60s") as c:
+                                       "--no-dashboard", *tls], stdout=log, stderr=subprocess.STDOUT, env=env))
+        with Client(address, security=security, timeout="60s") as c:
             c.wait_for_workers(nworkers, timeout=60)
         yield address
     finally:

@@ -8,14 +8,13 @@ import datetime
 import ipaddress
 import json
 import os
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, VENV_BIN, curate, free_port
+from conftest import curate, external_dask_cluster
 
 from pipeline.cluster import dask_client
 
@@ -86,26 +85,14 @@ def _self_signed(dirpath: Path) -> tuple[Path, Path]:
 
 
 def test_remote_tls_scheduler(tmp_path, sample_dir):
-    from distributed import Client
     from distributed.security import Security
 
     cert, key = _self_signed(tmp_path)
     tls = ["--tls-ca-file", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
-    port = free_port()
-    address = f"tls://127.0.0.1:{port}"
-    dask = str(VENV_BIN / "dask")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = (tmp_path / "dask.log").open("w")
-    procs = [subprocess.Popen([dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard", *tls], stdout=log, stderr=subprocess.STDOUT, env=env)]
-    try:
-        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard", *tls], stdout=log, stderr=subprocess.STDOUT, env=env))
-        security = Security(tls_ca_file=str(cert), tls_client_cert=str(cert), tls_client_key=str(key),
-                            require_encryption=True)
-        with Client(address, security=security, timeout="60s") as c:
-            c.wait_for_workers(1, timeout=60)
-
+    security = Security(tls_ca_file=str(cert), tls_client_cert=str(cert), tls_client_key=str(key),
+                        require_encryption=True)
+    with external_dask_cluster(tmp_path, 1, tls=tls, security=security) as address:
+        assert address.startswith("tls://")
         out = tmp_path / "out"
         curate("filter", sample_dir / "train", "--out", out, "--scheduler", address, *tls, "--no-progress")
         m = json.loads((out / "manifest.json").read_text())
@@ -118,13 +105,3 @@ def test_remote_tls_scheduler(tmp_path, sample_dir):
         proc = curate("filter", sample_dir / "train", "--out", tmp_path / "o3", "--scheduler", address,
                       "--tls-ca-file", str(tmp_path / "missing.pem"), "--tls-cert", str(cert), check=False)
         assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        log.close()

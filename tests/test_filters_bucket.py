@@ -1,7 +1,6 @@
 """`curate train-classifier` sizes fastText's hash buckets to the data instead of its 2M default."""
 from __future__ import annotations
 
-import json
 
 from filters.train_classifier import MAX_BUCKET, MIN_BUCKET, fit_bucket
 from pipeline.cli import main

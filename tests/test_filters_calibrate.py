@@ -170,3 +170,18 @@ def test_warnings_for_small_samples_and_for_a_run_that_removes_far_more_than_ask
     totals = {"by_domain": {"C4": counts(1000, 100, 90), "Books": counts(100, 10, 60)}}
     got = overshoot(out, totals)
     assert len(got) == 1 and "disfluency removed 60 of 90 Books" in got[0] and "10%" in got[0]
+
+
+def test_overshoot_counts_a_rule_on_what_reaches_it_after_uncalibrated_rules_too():
+    """A calibrated rule's share is of the documents reaching it: those the rules before it keep,
+    whether or not those rules were calibrated (here ads has a fixed threshold)."""
+    from pipeline.calibrate import overshoot
+
+    cfg = parse_filter_config({"ads": {"model": "ads.bin", "threshold": 0.5},
+                               "disfluency": {"kenlm": "lm.bin", "drop_fraction": 0.1}})
+    rng = np.random.default_rng(0)
+    out = calibrate_config(cfg, ["C4"] * 400, {"ad_score": rng.random(400), "perplexity": rng.gamma(2.0, 80.0, 400)})
+    totals = {"by_domain": {"C4": {"docs_in": 100, "kept": 35, "malformed": 0,
+                                   "removed": {"ads": 50, "disfluency:perplexity": 15}}}}
+    got = overshoot(out, totals)          # 15 of the 50 that reach the KenLM cut: 30%, asked 10%
+    assert len(got) == 1 and "disfluency removed 15 of 50 C4" in got[0]

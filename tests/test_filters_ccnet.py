@@ -4,7 +4,6 @@ own code (`SentencePiece(normalize=True)` -> `DocLM(normalize=False)`, cc_net/mi
 from __future__ import annotations
 
 import glob
-import io
 import json
 import sys
 import tarfile
@@ -16,7 +15,7 @@ import pytest
 import yaml
 import zstandard
 
-from conftest import curate
+from conftest import run_cli
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cc_net-1.0.0.tar.gz"
 
@@ -46,8 +45,8 @@ def pair(real_sample, tmp_path_factory):
     text = out / "train.txt"
     # train on every shard but the first, score the first: the scored documents are held out
     text.write_text("".join(d["text"].replace("\r", " ") + "\n" for s in shards[1:] for d in _docs(s)))
-    proc = curate("train-lm", "--text", text, "--order", "3", "--sentencepiece", "2000",
-                  "--out", out / "en.arpa.bin")
+    proc = run_cli("train-lm", "--text", text, "--order", "3", "--sentencepiece", "2000",
+                   "--out", out / "en.arpa.bin")
     assert "SentencePiece" in proc.stdout
     assert (out / "en.sp.model").is_file()
     return out, shards[0]
@@ -60,7 +59,7 @@ def test_perplexity_is_cc_nets(pair, cc_net, tmp_path):
         "kenlm": str(models / "en.arpa.bin"), "sentencepiece": str(models / "en.sp.model"),
         "max_perplexity": 1e30}}))
     out = tmp_path / "out"
-    curate("filter", shard, "--out", out, "--config", config, "--workers", "1", "--no-progress")
+    run_cli("filter", shard, "--out", out, "--config", config, "--workers", "1", "--no-progress")
     table = pq.read_table(glob.glob(str(out / "kept" / "*" / "*.parquet"))).to_pandas()
     assert len(table) > 100
     manifest = json.loads((out / "manifest.json").read_text())
@@ -90,7 +89,7 @@ def test_per_line_mode_differs_and_kenlm_alone_says_what_it_feeds(pair, tmp_path
             "kenlm": str(models / "en.arpa.bin"), "sentencepiece": str(models / "en.sp.model"),
             "perplexity_mode": mode, "max_perplexity": 1e30}}))
         out = tmp_path / mode
-        curate("filter", shard, "--out", out, "--config", config, "--workers", "1", "--no-progress")
+        run_cli("filter", shard, "--out", out, "--config", config, "--workers", "1", "--no-progress")
         t = pq.read_table(glob.glob(str(out / "kept" / "*" / "*.parquet"))).to_pandas().sort_values("id")
         cols[mode] = t["perplexity"].to_numpy()
         assert json.loads((out / "manifest.json").read_text())["filters"][-1]["perplexity_mode"] == mode
@@ -101,7 +100,7 @@ def test_per_line_mode_differs_and_kenlm_alone_says_what_it_feeds(pair, tmp_path
 def test_sentencepiece_without_kenlm_is_refused(tmp_path):
     config = tmp_path / "f.yaml"
     config.write_text(yaml.safe_dump({"disfluency": {"sentencepiece": "x.sp.model", "fluency_model": "f.bin"}}))
-    proc = curate("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False)
+    proc = run_cli("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False)
     assert proc.returncode == 2 and "needs disfluency.kenlm" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import curate
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def _run(sample_dir, tmp_path, classifier: dict):
     config = tmp_path / "filters.yaml"
     config.write_text(yaml.safe_dump({"classifiers": [classifier]}))
     out = tmp_path / "out"
-    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
-                  "--no-progress")
+    proc = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
+                   "--no-progress")
     kept = pq.read_table(glob.glob(str(out / "kept" / "*" / "*.parquet"))).to_pandas()
     rejected = pq.read_table(out / "rejected").to_pandas()
     return json.loads((out / "manifest.json").read_text()), kept, rejected, proc

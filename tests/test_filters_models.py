@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from conftest import curate
+from conftest import run_cli
 from filters.ads import AdFilter
 from common.errors import CurateError
 from filters.fasttext_model import label_probability, load_classifier
@@ -37,10 +37,10 @@ def models(sample_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     logs = {}
     for task in ("ads", "fluency"):
-        proc = curate("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
-                      "--valid", sample_dir / "labels" / f"{task}.valid.jsonl", "--out", out / f"{task}.bin", *SMALL)
+        proc = run_cli("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
+                       "--valid", sample_dir / "labels" / f"{task}.valid.jsonl", "--out", out / f"{task}.bin", *SMALL)
         logs[task] = proc.stdout
-    curate("train-lm", "--text", sample_dir / "lm.txt", "--order", "4", "--out", out / "lm.bin")
+    run_cli("train-lm", "--text", sample_dir / "lm.txt", "--order", "4", "--out", out / "lm.bin")
     return {"dir": out, "ads": out / "ads.bin", "fluency": out / "fluency.bin", "lm": out / "lm.bin", "logs": logs}
 
 
@@ -151,7 +151,7 @@ def test_train_lm_prefers_real_sentences_to_shuffled_ones(request, sample_dir, t
         source = "the sample's lm.txt"
     cut = int(len(lines) * 0.9)
     (tmp_path / "train.txt").write_text("\n".join(lines[:cut]) + "\n")
-    curate("train-lm", "--text", tmp_path / "train.txt", "--order", "5", "--out", tmp_path / "lm.bin")
+    run_cli("train-lm", "--text", tmp_path / "train.txt", "--order", "5", "--out", tmp_path / "lm.bin")
     model = load_kenlm(tmp_path / "lm.bin")
     # held-out sentences of 8+ words, each against the same words in a random order; only sentences
     # in a language the model has seen (90% of their words known): the Gutenberg book also holds

@@ -10,19 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import curate
-
-SMALL = ("--bucket", "100000", "--threads", "1", "--epoch", "10")
-
+from conftest import run_cli
 
 @pytest.fixture(scope="module")
-def model_dir(sample_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline-models")
-    for task in ("ads", "fluency"):
-        curate("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
-               "--out", out / f"{task}.bin", *SMALL)
-    curate("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
-    return out
+def model_dir(sample_models):
+    """conftest's models trained on the sample (ads.bin, fluency.bin, lm.bin)."""
+    return sample_models
 
 
 def _write_config(path, cfg: dict):
@@ -41,7 +34,7 @@ def test_drop_fractions_are_hit_per_domain_and_recorded(model_dir, sample_dir):
         "disfluency": {"kenlm": "lm.bin", "fluency_model": "fluency.bin", "fluency_threshold": 0.9,
                        "drop_fraction": 0.15}})
     out = model_dir / "filtered"
-    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")
+    proc = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")
     m = _manifest(out)
     by_domain = m["totals"]["by_domain"]
     for d, t in by_domain.items():
@@ -73,7 +66,7 @@ def test_drop_fractions_are_hit_per_domain_and_recorded(model_dir, sample_dir):
     assert set(m["totals"]["removed"]) == {"ads", "disfluency:perplexity", "disfluency:fluency"}
 
     # a re-run reuses the calibrated thresholds and skips the finished shards
-    again = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")
+    again = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress")
     assert "reusing the thresholds" in again.stderr
     assert _manifest(out)["config_hash"] == m["config_hash"]
     assert _manifest(out)["shards"]["skipped"] == m["shards"]["total"]
@@ -95,7 +88,7 @@ def test_broken_models_fail_before_any_shard_is_read(case, model_dir, sample_dir
         cfg["disfluency"] = {"kenlm": str(bad), "max_perplexity": 100}
     config = _write_config(tmp_path / "filters.yaml", cfg)
     out = tmp_path / "out"
-    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--no-progress", check=False)
+    proc = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--no-progress", check=False)
     assert proc.returncode != 0
     assert bad.name in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()          # nothing was written: the check came before any shard
@@ -104,8 +97,8 @@ def test_broken_models_fail_before_any_shard_is_read(case, model_dir, sample_dir
 def test_unknown_domain_in_config_is_refused(model_dir, sample_dir, tmp_path):
     config = _write_config(tmp_path / "filters.yaml", {
         "ads": {"model": str(model_dir / "ads.bin"), "thresholds": {"Wikipeda": 0.9}}})
-    proc = curate("filter", sample_dir / "train", "--out", tmp_path / "out", "--config", config, "--no-progress",
-                  check=False)
+    proc = run_cli("filter", sample_dir / "train", "--out", tmp_path / "out", "--config", config, "--no-progress",
+                   check=False)
     assert proc.returncode != 0 and "Wikipeda" in proc.stderr
 
 
@@ -113,7 +106,7 @@ def test_ads_limited_to_domains_leaves_others_unscored(model_dir, sample_dir, tm
     config = _write_config(tmp_path / "filters.yaml", {
         "ads": {"model": str(model_dir / "ads.bin"), "threshold": 0.5, "domains": ["C4"]}})
     out = tmp_path / "out"
-    curate("filter", sample_dir / "train", "--out", out, "--config", config, "--no-progress")
+    run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--no-progress")
     t = pq.read_table(out / "kept").to_pandas()
     assert t.loc[t["domain"] == "C4", "ad_score"].notna().all()
     assert t.loc[t["domain"] != "C4", "ad_score"].isna().all()

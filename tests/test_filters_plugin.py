@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import glob
 import json
-import os
+import sys
 import textwrap
-from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
-from conftest import curate
+from conftest import run_cli
 
 PLUGIN = '''
 """Share of capital letters among a document's letters."""
@@ -40,16 +40,24 @@ FILTER = CapsFilter
 '''
 
 
-def test_single_file_filter_runs_through_filter_calibration_and_manifest(sample_dir, tmp_path):
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    """caps_filter.py in a folder on this process's path (one local worker runs in this process),
+    imported afresh by each test and forgotten after it."""
     (tmp_path / "caps_filter.py").write_text(textwrap.dedent(PLUGIN))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""),
-                                                         str(Path(__file__).resolve().parents[1])])}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "caps_filter", raising=False)
+    yield tmp_path
+    sys.modules.pop("caps_filter", None)
+
+
+def test_single_file_filter_runs_through_filter_calibration_and_manifest(plugin_dir, sample_dir, tmp_path):
     config = tmp_path / "filters.yaml"
     config.write_text(yaml.safe_dump({"plugins": ["caps_filter"],
                                       "caps": {"drop_fraction": {"C4": 0.1, "Books": 0.2}, "min_letters": 5}}))
     out = tmp_path / "out"
-    proc = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
-                  "--no-progress", env=env)
+    proc = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
+                   "--no-progress")
     assert "calibrated caps" in proc.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert "caps_score" in m["columns"] and m["filters"][-1]["reason"] == "caps"
@@ -65,16 +73,14 @@ def test_single_file_filter_runs_through_filter_calibration_and_manifest(sample_
     c4 = kept["domain"] == "C4"
     assert (rejected.loc[rejected["domain"] == "C4", "caps_score"] > kept.loc[c4, "caps_score"].max()).all()
 
-    shown = curate("manifest", out, env=env).stdout
+    shown = run_cli("manifest", out).stdout
     assert "removed: caps" in shown
-    again = curate("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
-                   "--no-progress", env=env)
+    again = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
+                    "--no-progress")
     assert "reusing the thresholds" in again.stderr
 
 
-def test_bad_plugin_settings_are_refused(tmp_path):
-    (tmp_path / "caps_filter.py").write_text(textwrap.dedent(PLUGIN))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+def test_bad_plugin_settings_are_refused(plugin_dir, tmp_path):
     for cfg, message in (({"plugins": ["caps_filter"], "caps": {"drop_fraction": 0.1, "min_leters": 3}}, "caps.min_leters"),
                          ({"plugins": ["caps_filter"], "caps": {"threshold": 1.5}}, "caps.threshold"),
                          ({"plugins": ["caps_filter"], "caps": {"min_letters": "many", "threshold": 0.5}}, "caps.min_letters"),
@@ -82,5 +88,24 @@ def test_bad_plugin_settings_are_refused(tmp_path):
                          ({"caps": {"threshold": 0.5}}, "unknown key")):
         config = tmp_path / "f.yaml"
         config.write_text(yaml.safe_dump(cfg))
-        proc = curate("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False, env=env)
+        proc = run_cli("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_calibration_reads_lines_as_the_run_does(plugin_dir, sample_dir, tmp_path):
+    """With --max-line-bytes, the calibration sample leaves out the lines the run skips as overlong:
+    the thresholds are fitted on the documents the run scores (the whole sample here)."""
+    config = tmp_path / "filters.yaml"
+    config.write_text(yaml.safe_dump({"plugins": ["caps_filter"], "caps": {"drop_fraction": 0.1}}))
+    out = tmp_path / "out"
+    run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1", "--no-progress",
+            "--max-line-bytes", "1000")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["totals"]["malformed_by_kind"].get("line_too_long", 0) > 500
+    rows = pq.read_table([*glob.glob(str(out / "kept" / "*" / "*.parquet")), *glob.glob(str(out / "rejected" / "*"))],
+                         columns=["domain", "caps_score"]).to_pandas()
+    scored = rows[rows["caps_score"].notna()].groupby("domain").size().to_dict()
+    calibrated = m["config"]["caps"]["calibrated"]
+    assert calibrated["sample_docs"] == scored
+    # the same documents: the run removes exactly what the thresholds removed from the sample
+    assert calibrated["sample_removed"] == {d: m["totals"]["by_domain"][d]["removed"].get("caps", 0) for d in scored}

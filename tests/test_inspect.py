@@ -6,12 +6,11 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import curate
+from conftest import run_cli
 from pipeline.cli import main
 from pipeline.inspect import filter_stats, histograms, render_html, samples
 
@@ -19,18 +18,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def run_dir(sample_dir, tmp_path_factory):
+def run_dir(sample_dir, sample_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect")
-    for task in ("ads", "fluency"):
-        curate("train-classifier", "--task", task, "--data", sample_dir / "labels" / f"{task}.jsonl",
-               "--out", out / f"{task}.bin", "--threads", "1", "--epoch", "10")
-    curate("train-lm", "--text", sample_dir / "lm.txt", "--order", "3", "--out", out / "lm.bin")
     config = out / "filters.yaml"
     config.write_text(yaml.safe_dump({
-        "ads": {"model": "ads.bin", "drop_fraction": {"C4": 0.2, "CommonCrawl": 0.2}},
-        "disfluency": {"kenlm": "lm.bin", "fluency_model": "fluency.bin", "fluency_drop_fraction": 0.1,
-                       "drop_fraction": 0.05}}))
-    curate("filter", sample_dir / "train", "--out", out / "run", "--config", config, "--workers", "1", "--no-progress")
+        "ads": {"model": str(sample_models / "ads.bin"), "drop_fraction": {"C4": 0.2, "CommonCrawl": 0.2}},
+        "disfluency": {"kenlm": str(sample_models / "lm.bin"), "fluency_model": str(sample_models / "fluency.bin"),
+                       "fluency_drop_fraction": 0.1, "drop_fraction": 0.05}}))
+    run_cli("filter", sample_dir / "train", "--out", out / "run", "--config", config, "--workers", "1", "--no-progress")
     return out / "run"
 
 
@@ -87,3 +82,18 @@ def test_html_is_self_contained_and_renders_offline_in_chromium(run_dir, tmp_pat
     subprocess.run([CHROMIUM, *flags, "--window-size=1300,1400", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000          # a page with drawings, not a blank one
+
+
+def test_shards_of_another_run_in_the_folder_are_left_out(sample_dir, tmp_path):
+    """A second run over fewer inputs leaves the other shards' files in --out uncounted
+    (`other_shards_in_out`); inspect and stats.json leave them out too, as the manifest's totals do."""
+    out = tmp_path / "out"
+    run_cli("filter", sample_dir / "train", "--out", out, "--workers", "1", "--no-progress")
+    one = sorted((sample_dir / "train").rglob("*.jsonl.zst"))[0]
+    run_cli("filter", one, "--out", out, "--workers", "1", "--no-progress")
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["other_shards_in_out"]) == 3
+    docs = samples(out, n=10**6)
+    assert sum(len(g) for groups in docs.values() for g in groups.values()) == m["totals"]["docs_in"]
+    assert {d["id"].rsplit(":", 1)[0] for groups in docs.values() for g in groups.values() for d in g} \
+        == {one.name.removesuffix(".jsonl.zst")}

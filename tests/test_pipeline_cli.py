@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import re
 
 import pytest
 
@@ -41,3 +42,18 @@ def test_camel_case_fasttext_flags_still_work():
     args = build_parser("train-classifier").parse_args(
         ["train-classifier", "--task", "ads", "--data", "x", "--out", "y", "--wordNgrams", "3", "--min-count", "2"])
     assert (args.wordNgrams, args.minCount) == (3, 2)
+
+
+# still "(default N)" in files owned by the service and trainer branches; drop from here once changed there
+_OLD_DEFAULT_STYLE = {"convert", "routing", "serve", "jobs", "curves"}
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.xfail(
+    reason="help says '(default N)' (another branch's file)", strict=False)) if c in _OLD_DEFAULT_STYLE else c
+    for c in COMMANDS])
+def test_help_states_defaults_one_way(command):
+    """"(default: N)", as ArgumentDefaultsHelpFormatter writes it, also where the help says it itself."""
+    p = _subparser(command)
+    for action in p._actions:
+        text = action.help or ""
+        assert not re.search(r"\(default [^:]", text), f"curate {command} {'/'.join(action.option_strings)}: {text}"

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
+from common.errors import CurateError
 from pipeline.manifest import Tally, adds_up
 
 
@@ -40,3 +43,38 @@ def test_manifest_command_prints_a_tokenize_output(tmp_path):
 def test_manifest_command_needs_a_manifest(tmp_path):
     proc = run_cli("manifest", tmp_path, check=False)
     assert proc.returncode == 2 and "manifest.json does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b'{"kind": "filter"'])
+@pytest.mark.parametrize("command", ["manifest", "inspect"])
+def test_a_damaged_manifest_is_an_error_not_a_traceback(command, content, tmp_path):
+    (tmp_path / "manifest.json").write_bytes(content)
+    proc = run_cli(command, tmp_path, check=False)
+    assert proc.returncode == 2 and str(tmp_path / "manifest.json") in proc.stderr, proc.stderr
+
+
+def test_inspect_and_packed_tokens_refuse_the_other_kind(tmp_path):
+    from samplers.packed import PackedTokens
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "tokenize", "domains": {}}))
+    proc = run_cli("inspect", tmp_path, check=False)
+    assert proc.returncode == 2 and "'tokenize' manifest, not the manifest of `curate filter`" in proc.stderr
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "filter"}))
+    with pytest.raises(CurateError, match="'filter' manifest, not the manifest of `curate tokenize`"):
+        PackedTokens(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"[]", b"\xff\xfe binary", b'"done"'])
+def test_a_foreign_shard_manifest_means_redo_the_shard(content, sample_dir, tmp_path):
+    from pipeline.tokenize import _read_marker
+
+    out = tmp_path / "out"
+    run_cli("filter", sample_dir / "train", "--out", out, "--no-progress")
+    first = json.loads((out / "manifest.json").read_text())
+    victim = sorted((out / "shards").glob("*.json"))[0]
+    victim.write_bytes(content)
+    run_cli("filter", sample_dir / "train", "--out", out, "--no-progress")
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["shards"]["skipped"] == first["shards"]["total"] - 1 and again["totals"] == first["totals"]
+    (tmp_path / "m.json").write_bytes(content)
+    assert _read_marker(tmp_path / "m") is None          # the same for a tokenize shard marker
