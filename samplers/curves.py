@@ -208,12 +208,12 @@ def _plot_routing(fig, ax_min, ax_max, routing: list[dict]) -> None:
     starved = sum(v < DEAD_SHARE for shares in last.values() for v in shares)
     uniform = 1 / len(next(iter(last.values())))
     ax_min.axhline(DEAD_SHARE, color="red", ls="--", lw=1)
-    ax_min.set(title=f"Smallest expert share per layer ({starved} experts under {DEAD_SHARE:.0%} at the last "
-                     "evaluation; red: 1%)", ylabel="share of held-out assignments", ylim=(0, None))
+    ax_min.set(title=f"Smallest expert share per layer\n{starved} under {DEAD_SHARE:.0%} at the last evaluation "
+                     "(red line: 1%)", ylabel="share of held-out assignments", ylim=(0, None))
     worst = max(last, key=lambda k: max(last[k]))
     ax_max.axhline(uniform, color="gray", ls=":", lw=1)
-    ax_max.set(title=f"Largest expert share per layer (last: {max(last[worst]):.0%} in layer {worst}; "
-                     f"dotted: uniform {uniform:.1%})", ylabel="share of held-out assignments", ylim=(0, None))
+    ax_max.set(title=f"Largest expert share per layer\nlast: {max(last[worst]):.0%} in layer {worst} "
+                     f"(dotted: uniform {uniform:.1%})", ylabel="share of held-out assignments", ylim=(0, None))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_min, ax_max], label="layer", shrink=0.9)
 
 

@@ -469,7 +469,10 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
 
     s = ConvertSettings(experts=experts, top_k=top_k, method=method, gate=gate, gate_init=gate_init, scale=scale,
                         seed=seed, balance_loss=balance_loss, shared_size=shared_size)
-    model, cfg = load_model(dense, device="cpu", dtype=torch.float32)
+    # a model config is initialised randomly: seeded, so the same command converts the same model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, cfg = load_model(dense, device="cpu", dtype=torch.float32)
     log(f"dense model {dense}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
         f"vocab {cfg.vocab_size}")
     if cfg.moe is not None:

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.preflight import tokenizer_sha256
     record = {"conversion": {
         "dense": str(Path(args.dense).resolve()),
-        "tokenizer_sha256": tokenizer_sha256(args.dense),      # `curate train` compares it with the tokens'
+        "tokenizer_vocab_sha256": tokenizer_sha256(args.dense),      # `curate train` compares it with the tokens'
 
         "command": "curate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -140,6 +140,10 @@ def _init_linear(weight: torch.Tensor, generator: torch.Generator | None) -> Non
     from. Random logits of this size spread the tokens over the experts from the first step."""
     bound = 1.0 / weight.shape[1] ** 0.5
     weight.uniform_(-bound, bound, generator=generator)
+    if weight.shape[0] <= weight.shape[1]:
+        # orthogonal rows of the same norm: no two experts start out preferring the same directions
+        q, _ = torch.linalg.qr(weight.T.float())
+        weight.copy_((q.T * weight.norm(dim=1, keepdim=True)).to(weight.dtype))
 
 
 class LinearGate(nn.Module):

@@ -1,12 +1,15 @@
 """Checks made before any training step: the tokens and the model speak the same tokenizer, and the
 reference losses a dynamic sampler compares with were measured with it.
 
-The token directory records its tokenizer (TOKDIR/tokenizer_source.json, `sha256` of the tokenizer's
-JSON); `curate convert` records the dense model's (`conversion.tokenizer_sha256` in the MoE's config).
-A model given as a Hugging Face directory or a .gguf file is hashed the same way on the spot.
+Both sides are compared by the sha256 of their vocabulary (token -> id, sorted): the serialised
+tokenizer JSON is not stable across transformers versions (a GGUF's tokenizer converts to different
+JSON text under 4.x and 5.x), its vocabulary is. The token directory keeps its tokenizer.json;
+`curate convert` records the dense model's digest (`conversion.tokenizer_vocab_sha256` in the MoE's
+config); a Hugging Face directory or a .gguf file is hashed on the spot.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,15 +24,27 @@ def tokens_tokenizer(tokdir: str | Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def vocab_sha256(vocab: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def tokens_vocab_sha256(tokdir: str | Path) -> str | None:
+    p = Path(tokdir) / "tokenizer.json"
+    if not p.is_file():
+        return None
+    from tokenizers import Tokenizer
+    return vocab_sha256(Tokenizer.from_file(str(p)).get_vocab())
+
+
 def tokenizer_sha256(spec: str | Path) -> str | None:
-    """sha256 of the tokenizer of a dense model (HF directory or .gguf), as `curate tokenize` computes it;
-    None when the model has none (a model config for random initialisation)."""
+    """Vocabulary digest of a dense model's tokenizer (HF directory or .gguf); None when the model has
+    none (a model config for random initialisation)."""
     p = Path(spec)
     if not (p.is_dir() and any((p / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))) \
             and p.suffix.lower() != ".gguf":
         return None
     from pipeline.tokenizer_io import load_tokenizer
-    return load_tokenizer(p).sha256()
+    return vocab_sha256(load_tokenizer(p).tokenizer.get_vocab())
 
 
 def model_tokenizer_sha256(model_section) -> tuple[str | None, str]:
@@ -40,14 +55,14 @@ def model_tokenizer_sha256(model_section) -> tuple[str | None, str]:
     if path.is_dir() and (path / "config.json").is_file():
         from trainer.checkpoint_io import model_kind, read_record
         if model_kind(path) == "ours":
-            return (read_record(path).get("conversion") or {}).get("tokenizer_sha256"), f"{path}/config.json"
+            return (read_record(path).get("conversion") or {}).get("tokenizer_vocab_sha256"), f"{path}/config.json"
     return tokenizer_sha256(path), str(path)
 
 
 def check_tokenizers(model_section, tokdir: str | Path) -> None:
     """Refuse tokens made with another tokenizer than the model's (when both sides are known)."""
-    tok = tokens_tokenizer(tokdir)
-    theirs = (tok or {}).get("sha256")
+    tok = tokens_tokenizer(tokdir) or {}
+    theirs = tokens_vocab_sha256(tokdir)
     ours, where = model_tokenizer_sha256(model_section)
     if theirs and ours and theirs != ours:
         raise CurateError(

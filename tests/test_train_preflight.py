@@ -1,0 +1,47 @@
+"""Pre-flight checks of `curate train`: tokens and model must share a tokenizer; llama2-7b references
+need LLaMA-2's tokenizer."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from common.errors import CurateError
+from trainer.preflight import check_reference_losses, check_tokenizers, tokenizer_sha256, tokens_vocab_sha256
+
+
+def word_tokenizer(words: str, out):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(out)
+    return out
+
+
+def test_tokens_from_another_tokenizer_are_refused_and_the_same_one_passes(tmp_path):
+    model = word_tokenizer("the cat sat on the mat", tmp_path / "model")
+    same = word_tokenizer("the cat sat on the mat", tmp_path / "same")
+    other = word_tokenizer("a dog ran in the park", tmp_path / "other")
+    for d in (same, other):
+        (d / "tokenizer_source.json").write_text(json.dumps({"spec": str(d), "vocab_size": 8}))
+    section = SimpleNamespace(dense=str(model), path=None)
+    assert tokenizer_sha256(model) == tokens_vocab_sha256(same)
+    check_tokenizers(section, same)
+    with pytest.raises(CurateError, match="tokenized with .*other.* model's tokenizer .* is another"):
+        check_tokenizers(section, other)
+    # a model config (random initialisation) has no tokenizer: nothing to compare
+    (tmp_path / "m.yaml").write_text("{}")
+    check_tokenizers(SimpleNamespace(dense=None, path=str(tmp_path / "m.yaml")), other)
+
+
+def test_llama2_references_with_another_tokenizer_point_to_measure(tmp_path):
+    (tmp_path / "tokenizer_source.json").write_text(json.dumps({"spec": "SmolLM2.gguf", "vocab_size": 49152}))
+    with pytest.raises(CurateError, match="reference_losses: measure"):
+        check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path)
+    check_reference_losses({"kind": "dynamic", "reference_losses": "measure"}, tmp_path)
+    check_reference_losses({"kind": "static", "reference_losses": "llama2-7b"}, tmp_path)
+    (tmp_path / "tokenizer_source.json").write_text(json.dumps({"spec": "llama2", "vocab_size": 32000}))
+    check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path)
