@@ -25,7 +25,7 @@ DEAD_SHARE = 0.01
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run directory (holds domain_weights.jsonl and metrics.jsonl)")
-    p.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png); the HTML goes beside it")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png); the HTML goes beside it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,13 +44,7 @@ def test_camel_case_fasttext_flags_still_work():
     assert (args.wordNgrams, args.minCount) == (3, 2)
 
 
-# still "(default N)" in files owned by the service and trainer branches; drop from here once changed there
-_OLD_DEFAULT_STYLE = {"convert", "routing", "serve", "jobs", "curves"}
-
-
-@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.xfail(
-    reason="help says '(default N)' (another branch's file)", strict=False)) if c in _OLD_DEFAULT_STYLE else c
-    for c in COMMANDS])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_states_defaults_one_way(command):
     """"(default: N)", as ArgumentDefaultsHelpFormatter writes it, also where the help says it itself."""
     p = _subparser(command)

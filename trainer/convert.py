@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fitted: each layer's linear gate fitted on calibration tokens to pick the experts "
                         "with the largest outputs (uses --calib-data)")
     p.add_argument("--scale", type=float, default=None, metavar="F",
-                   help="expert output rescale (default experts/top-k, the paper's)")
-    p.add_argument("--seed", type=int, default=0, help="partition, gate and calibration seed (default 0)")
+                   help="expert output rescale (default: experts/top-k, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="partition, gate and calibration seed (default: 0)")
     p.add_argument("--balance-loss", choices=("cv2", "switch", "bias", "none"), default="cv2",
                    help="cv2: CV^2(importance) + CV^2(load) (LLaMA-MoE, default); switch: Switch Transformer's; "
                         "bias: no auxiliary loss, a per-expert selection bias follows the load (DeepSeek-V3)")
@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", default=None, metavar="PATH",
                    help="sharing-* and --gate-init fitted: a `curate tokenize` directory or a text file "
                         "(.txt/.jsonl); without it, text sampled from the dense model itself")
-    p.add_argument("--calib-seqs", type=int, default=4, metavar="N", help="calibration sequences per expert (default 4)")
-    p.add_argument("--calib-len", type=int, default=128, metavar="T", help="calibration sequence length (default 128)")
+    p.add_argument("--calib-seqs", type=int, default=4, metavar="N", help="calibration sequences per expert (default: 4)")
+    p.add_argument("--calib-len", type=int, default=128, metavar="T", help="calibration sequence length (default: 128)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
 
 

@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", required=True, help="a `curate tokenize` output; its held-out split is used")
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/routing)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: min(model max, 1024))")
-    p.add_argument("--max-sequences", type=int, default=64, help="held-out sequences per domain (default 64)")
+    p.add_argument("--max-sequences", type=int, default=64, help="held-out sequences per domain (default: 64)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 

@@ -1,7 +1,8 @@
 """A filter job's report for its page: the per-domain kept/removed table and the score histograms.
 
-`score_histograms` reads the score columns of the output's Parquet files itself; it is the one place to
-swap for `curate inspect`'s histograms (pipeline/inspect.py) once that lands.
+`score_histograms` reads the score columns of the output's Parquet files itself, so the page shows them
+while the job runs; `curate inspect`'s histograms (pipeline/inspect.py) need the finished run's manifest
+(for the thresholds). Folding the two into one is open work.
 """
 from __future__ import annotations
 
