@@ -188,32 +188,41 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_main(argv, doc: str, runs: dict, work: str, run_arguments, cmd_run, cmd_report) -> int:
+    """`run` (the arguments both SmolLM2 studies share, then the study's own from `run_arguments(parser)`)
+    and `report FOLDER`: the command line of this study and of study_moe_health.py."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--gguf", required=True)
     r.add_argument("--tokens", required=True, help="`curate tokenize` output made with the GGUF's tokenizer")
-    r.add_argument("--out", required=True, help="where <run>.json files go")
-    r.add_argument("--work", default="/tmp/study")
-    r.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    r.add_argument("--experts", type=int, default=8)
-    r.add_argument("--top-k", type=int, default=2)
-    r.add_argument("--gate", default="noisy-mlp")
-    r.add_argument("--tokens-per-run", type=float, default=8e6)
-    r.add_argument("--eval-every-tokens", type=float, default=1e6)
+    r.add_argument("--out", required=True, help="where the result files go")
+    r.add_argument("--work", default=work)
+    r.add_argument("--runs", nargs="+", default=list(runs), choices=list(runs))
     r.add_argument("--seq-len", type=int, default=512)
     r.add_argument("--micro-batch", type=int, default=32)
     r.add_argument("--accum", type=int, default=4)
     r.add_argument("--eval-batches", type=int, default=8)
     r.add_argument("--lr", type=float, default=3e-4)
-    r.add_argument("--seed", type=int, default=0)
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    r.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True)
-    rep = sub.add_parser("report")
-    rep.add_argument("folder")
+    run_arguments(r)
+    sub.add_parser("report").add_argument("folder")
     args = p.parse_args(argv)
     return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+def _run_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--experts", type=int, default=8)
+    r.add_argument("--top-k", type=int, default=2)
+    r.add_argument("--gate", default="noisy-mlp")
+    r.add_argument("--tokens-per-run", type=float, default=8e6)
+    r.add_argument("--eval-every-tokens", type=float, default=1e6)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True)
+
+
+def main(argv=None) -> int:
+    return study_main(argv, __doc__, RUNS, "/tmp/study", _run_arguments, cmd_run, cmd_report)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from study_construction import mean, study_main  # noqa: E402  (the studies share their loss mean and arguments)
+
 # name -> (label, extra `curate convert` flags, distill). Flags beyond the required ones
 # (--experts 8 --top-k 2 --method M): "CALIB" stands for the token directory.
 RUNS = {
@@ -55,10 +57,6 @@ def curate(*args, log) -> None:
     log.flush()
     if proc.returncode:
         raise RuntimeError(f"curate {args[0]} failed: {proc.stderr[-1500:]}")
-
-
-def mean(d: dict[str, float]) -> float:
-    return sum(d.values()) / len(d)
 
 
 def health(layers: dict[str, list[float]]) -> tuple[int, float, str]:
@@ -214,28 +212,14 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--gguf", required=True)
-    r.add_argument("--tokens", required=True, help="`curate tokenize` output made with the GGUF's tokenizer")
-    r.add_argument("--out", required=True)
+def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--name", default="part1", help="this call's result file: OUT/NAME.json")
-    r.add_argument("--work", default="/tmp/study-health")
-    r.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     r.add_argument("--steps", type=int, default=125)
     r.add_argument("--eval-every-steps", type=int, default=25)
-    r.add_argument("--seq-len", type=int, default=512)
-    r.add_argument("--micro-batch", type=int, default=32)
-    r.add_argument("--accum", type=int, default=4)
-    r.add_argument("--eval-batches", type=int, default=8)
-    r.add_argument("--lr", type=float, default=3e-4)
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    rep = sub.add_parser("report")
-    rep.add_argument("folder")
-    args = p.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+def main(argv=None) -> int:
+    return study_main(argv, __doc__, RUNS, "/tmp/study-health", _run_arguments, cmd_run, cmd_report)
 
 
 if __name__ == "__main__":
