@@ -192,6 +192,7 @@ def _plot_routing(fig, ax_min, ax_max, routing: list[dict]) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
 
     layers = sorted({int(k) for r in routing for k in r["layers"]})
     norm = Normalize(min(layers), max(max(layers), min(layers) + 1))
@@ -214,7 +215,9 @@ def _plot_routing(fig, ax_min, ax_max, routing: list[dict]) -> None:
     ax_max.axhline(uniform, color="gray", ls=":", lw=1)
     ax_max.set(title=f"Largest expert share per layer\nlast: {max(last[worst]):.0%} in layer {worst} "
                      f"(dotted: uniform {uniform:.1%})", ylabel="share of held-out assignments", ylim=(0, None))
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_min, ax_max], label="layer", shrink=0.9)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_min, ax_max], label="layer", shrink=0.9)
+    bar.locator = MaxNLocator(integer=True)      # layers are whole numbers
+    bar.update_ticks()
 
 
 def _html(run_dir: Path, png: bytes, weights: list[dict], domains: list[str], reference) -> str:
