@@ -61,6 +61,13 @@ def test_the_token_is_required_everywhere(server):
     assert server.request("GET", "/api/jobs")[0] == 200
 
 
+def test_an_unknown_job_is_404_everywhere(server):
+    for method, path in (("GET", "/api/jobs/nope"), ("GET", "/api/jobs/nope/report"),
+                         ("POST", "/api/jobs/nope/cancel")):
+        assert server.request(method, path) == (404, {"error": "no job nope"}), path
+    assert server.request("GET", "/jobs/nope")[0] == 404
+
+
 def test_login_sets_an_httponly_cookie(server):
     import urllib.parse
     import urllib.request
