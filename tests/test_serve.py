@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import curate
+from pipeline.service.report import domain_table
 from serve_helpers import Served
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -153,6 +155,12 @@ def test_a_filter_job_equals_the_command(server, root, tmp_path):
     assert listed[0]["id"] == job["id"]
     status, rep = server.request("GET", f"/api/jobs/{job['id']}/report")
     assert status == 200 and rep["by_domain"] == cli["totals"]["by_domain"]
+    # while a job runs (no manifest.json yet) the table is the sum of the shard manifests done so far
+    partial = tmp_path / "partial"
+    shutil.copytree(root / "curated" / "a" / "shards", partial / "shards")
+    shard_ids = [p.stem for p in sorted((partial / "shards").glob("*.json"))]
+    assert domain_table(partial, shard_ids)["by_domain"] == cli["totals"]["by_domain"]
+    assert domain_table(partial, shard_ids[:1])["by_domain"] != cli["totals"]["by_domain"]
     # the page renders for a logged-in client
     status, body = server.request("GET", f"/jobs/{job['id']}")
     assert status == 200 and "/static/charts.js" in body
