@@ -222,6 +222,23 @@ def test_the_jobs_client(server, tmp_path):
     assert bad.returncode == 2 and "absolute" in bad.stderr
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["submit", "--json", "JSON"], "--json"),
+    (["submit", "filter", "eval_tokens=abc"], "whole number"),
+    (["list", "--token-file", "MISSING"], "--token-file"),
+])
+def test_the_jobs_client_refuses_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch, argv, words):
+    from pipeline.cli import main
+
+    (tmp_path / "job.json").write_text("{not json")
+    subst = {"JSON": str(tmp_path / "job.json"), "MISSING": str(tmp_path / "missing")}
+    monkeypatch.setenv("CURATE_TOKEN", "t")
+    # refused before any request: the server address is one nothing listens on
+    assert main(["jobs", *[subst.get(a, a) for a in argv], "--server", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_cancel_a_running_job(server, root):
     reply = server.request("POST", "/api/jobs", {"kind": "filter", "inputs": ["raw/train"], "out": "curated/cr",
                                                  "config": "cfg/filters.yaml"})[1]
