@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _token(token_file: str | None) -> str:
     if token_file:
-        lines = Path(token_file).read_text().splitlines()
+        try:
+            lines = Path(token_file).read_text().splitlines()
+        except OSError as e:
+            raise CurateError(f"--token-file {token_file}: {e.strerror}") from None
         if not lines or not lines[0].strip():
             raise CurateError(f"--token-file {token_file}: the first line is empty")
         return lines[0].strip()
@@ -61,8 +64,11 @@ def request(server: str, token: str, method: str, path: str, body: dict | None =
 
 def _job_from_args(args: argparse.Namespace) -> dict:
     if args.json_file:
-        text = sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
-        return json.loads(text)
+        try:
+            text = sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
+            return json.loads(text)
+        except (OSError, ValueError) as e:
+            raise CurateError(f"--json {args.json_file}: {e}") from None
     if not args.args:
         raise CurateError("submit: give KIND key=value... (e.g. filter inputs=raw/train out=curated/a "
                           "config=filters.yaml) or --json FILE")
@@ -74,6 +80,8 @@ def _job_from_args(args: argparse.Namespace) -> dict:
         if key == "inputs":
             job.setdefault("inputs", []).append(value)
         elif key == "eval_tokens":
+            if not value.isdigit():
+                raise CurateError(f"submit: eval_tokens must be a whole number, got {value!r}")
             job[key] = int(value)
         else:
             job[key] = value

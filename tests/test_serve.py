@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import curate
+from pipeline.service.report import domain_table
 from serve_helpers import Served
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -59,6 +61,13 @@ def test_the_token_is_required_everywhere(server):
     status, body = server.request("GET", "/", token=None)
     assert status == 200 and 'name="token"' in body and "/api/" not in body and "app.js" not in body
     assert server.request("GET", "/api/jobs")[0] == 200
+
+
+def test_an_unknown_job_is_404_everywhere(server):
+    for method, path in (("GET", "/api/jobs/nope"), ("GET", "/api/jobs/nope/report"),
+                         ("POST", "/api/jobs/nope/cancel")):
+        assert server.request(method, path) == (404, {"error": "no job nope"}), path
+    assert server.request("GET", "/jobs/nope")[0] == 404
 
 
 def test_login_sets_an_httponly_cookie(server):
@@ -146,6 +155,12 @@ def test_a_filter_job_equals_the_command(server, root, tmp_path):
     assert listed[0]["id"] == job["id"]
     status, rep = server.request("GET", f"/api/jobs/{job['id']}/report")
     assert status == 200 and rep["by_domain"] == cli["totals"]["by_domain"]
+    # while a job runs (no manifest.json yet) the table is the sum of the shard manifests done so far
+    partial = tmp_path / "partial"
+    shutil.copytree(root / "curated" / "a" / "shards", partial / "shards")
+    shard_ids = [p.stem for p in sorted((partial / "shards").glob("*.json"))]
+    assert domain_table(partial, shard_ids)["by_domain"] == cli["totals"]["by_domain"]
+    assert domain_table(partial, shard_ids[:1])["by_domain"] != cli["totals"]["by_domain"]
     # the page renders for a logged-in client
     status, body = server.request("GET", f"/jobs/{job['id']}")
     assert status == 200 and "/static/charts.js" in body
@@ -205,6 +220,23 @@ def test_the_jobs_client(server, tmp_path):
     assert job_id in curate("jobs", "list", *common).stdout
     bad = curate("jobs", "submit", "filter", "inputs=/etc", "out=x", *common, check=False)
     assert bad.returncode == 2 and "absolute" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["submit", "--json", "JSON"], "--json"),
+    (["submit", "filter", "eval_tokens=abc"], "whole number"),
+    (["list", "--token-file", "MISSING"], "--token-file"),
+])
+def test_the_jobs_client_refuses_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch, argv, words):
+    from pipeline.cli import main
+
+    (tmp_path / "job.json").write_text("{not json")
+    subst = {"JSON": str(tmp_path / "job.json"), "MISSING": str(tmp_path / "missing")}
+    monkeypatch.setenv("CURATE_TOKEN", "t")
+    # refused before any request: the server address is one nothing listens on
+    assert main(["jobs", *[subst.get(a, a) for a in argv], "--server", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
 
 
 def test_cancel_a_running_job(server, root):

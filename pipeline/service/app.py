@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -82,6 +82,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _NoSuchJob(Exception):
+    """Raised by the job endpoints for an unknown id; answered 404 by the handler in create_app."""
+
+
 def _err(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status)
 
@@ -116,6 +120,16 @@ def create_app(svc: Service) -> FastAPI:
                                     "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:")
         return response
 
+    @app.exception_handler(_NoSuchJob)
+    async def no_such_job(request: Request, e: _NoSuchJob):
+        return _err(404, f"no job {e}")
+
+    async def job_or_404(job_id: str) -> dict:
+        job = await run_in_threadpool(svc.store.get, job_id)
+        if job is None:
+            raise _NoSuchJob(job_id)
+        return job
+
     # ------------------------------------------------------------------ API
     @app.post("/api/jobs")
     async def submit(request: Request):
@@ -138,16 +152,12 @@ def create_app(svc: Service) -> FastAPI:
 
     @app.get("/api/jobs/{job_id}")
     async def show_job(job_id: str):
-        job = await run_in_threadpool(svc.store.get, job_id)
-        if job is None:
-            return _err(404, f"no job {job_id}")
+        job = await job_or_404(job_id)
         return await run_in_threadpool(jobspec.public, svc.root, job)
 
     @app.get("/api/jobs/{job_id}/report")
     async def job_report(job_id: str):
-        job = await run_in_threadpool(svc.store.get, job_id)
-        if job is None:
-            return _err(404, f"no job {job_id}")
+        job = await job_or_404(job_id)
         if job["kind"] != "filter":
             return {"by_domain": {}, "reasons": [], "histograms": {}}
         out = svc.root / job["spec"]["out"]
@@ -159,7 +169,7 @@ def create_app(svc: Service) -> FastAPI:
     async def cancel_job(job_id: str):
         status = await run_in_threadpool(svc.store.request_cancel, job_id)
         if status is None:
-            return _err(404, f"no job {job_id}")
+            raise _NoSuchJob(job_id)
         if status == "running":
             svc.runner.cancel(job_id)
         return {"id": job_id, "status": status}

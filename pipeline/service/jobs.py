@@ -7,11 +7,11 @@ discovery, the tokenizer-spec parser), so a request the service accepts is one `
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from common.errors import CurateError
+from pipeline.manifest import read_json_object, read_shard_manifest
 from pipeline.service.paths import confine, inside
 
 KINDS = ("filter", "tokenize")
@@ -110,19 +110,12 @@ def command(spec: dict, workers: int | None, scheduler: str | None) -> list[str]
     return base + ["tokenize", spec["dir"], "--tokenizer", spec["tokenizer"], "--out", spec["out"], *ev, *cluster]
 
 
-def _read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):     # absent, or being replaced: the next poll sees it
-        return None
-
-
 def progress(root: Path, spec: dict) -> dict:
     """shards_done / shards_total from the output's shard markers (written atomically by the stages)."""
     out = root / spec["out"]
     if spec["kind"] == "filter":
         ids = spec["shards"]
-        done = sum(1 for i in ids if (_read_json(out / "shards" / f"{i}.json") or {}).get("status") == "done")
+        done = sum(1 for i in ids if (read_shard_manifest(out, i) or {}).get("status") == "done")
         return {"shards_done": done, "shards_total": len(ids)}
     kept = root / spec["dir"] / "kept"
     total = sum(1 for p in kept.glob("*/**/*.parquet") if not p.name.startswith(".")) if kept.is_dir() else 0
@@ -131,7 +124,7 @@ def progress(root: Path, spec: dict) -> dict:
 
 
 def totals(root: Path, spec: dict) -> dict | None:
-    m = _read_json(root / spec["out"] / "manifest.json")
+    m = read_json_object(root / spec["out"] / "manifest.json")
     return None if m is None else m.get("totals")
 
 

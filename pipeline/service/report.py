@@ -6,37 +6,30 @@ while the job runs; `curate inspect`'s histograms (pipeline/inspect.py) need the
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from pipeline.manifest import Tally, read_json_object, read_shard_manifest
 
 _NOT_SCORES = {"line"}
 BINS = 24
 
 
 def domain_table(out: Path, shard_ids: list[str]) -> dict:
-    """{"by_domain": {domain: {docs_in, kept, removed: {reason: n}, malformed}}, "reasons": [...]}, from
-    the manifest when the run finished, else summed over the shard markers written so far."""
-    try:
-        by_domain = json.loads((out / "manifest.json").read_text())["totals"]["by_domain"]
-    except (OSError, ValueError, KeyError):
-        by_domain = {}
+    """{"by_domain": {domain: counts}, "reasons": [...]} (counts as in pipeline/manifest.py), from the
+    manifest when the run finished, else summed over the shards done so far."""
+    manifest = read_json_object(out / "manifest.json")
+    if manifest is not None and "by_domain" in manifest.get("totals", {}):
+        by_domain = manifest["totals"]["by_domain"]
+    else:
+        tally = Tally()
         for sid in shard_ids:
-            try:
-                m = json.loads((out / "shards" / f"{sid}.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if m.get("status") != "done":
-                continue
-            for dom, t in m.get("by_domain", {}).items():
-                acc = by_domain.setdefault(dom, {"docs_in": 0, "kept": 0, "removed": {}, "malformed": 0})
-                acc["docs_in"] += t.get("docs_in", 0)
-                acc["kept"] += t.get("kept", 0)
-                acc["malformed"] += t.get("malformed", 0)
-                for r, n in t.get("removed", {}).items():
-                    acc["removed"][r] = acc["removed"].get(r, 0) + n
+            m = read_shard_manifest(out, sid)
+            if m is not None and m.get("status") == "done":
+                tally.merge(m)
+        by_domain = tally.to_dict()["by_domain"]
     reasons = sorted({r for t in by_domain.values() for r in t.get("removed", {})})
     return {"by_domain": by_domain, "reasons": reasons}
 
