@@ -156,13 +156,10 @@ the project names it."""
         self.domains = settings.get("domains")
 
     def removes(self, scores: np.ndarray, domains: Sequence[str]) -> np.ndarray:
-        from filters.calibrate import per_domain, removes
+        from filters.calibrate import per_domain, removes_side
 
         t = per_domain(domains, self.settings["threshold"], self.settings.get("thresholds"))
-        if self.keep_if == "low":
-            return removes(scores, t, inclusive=True)
-        with np.errstate(invalid="ignore"):
-            return np.asarray(scores, np.float64) < t
+        return removes_side(scores, t, self.keep_if)
 
     def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:
         from common.errors import CurateError

@@ -64,6 +64,15 @@ def removes(scores: np.ndarray, threshold: float, inclusive: bool) -> np.ndarray
         return scores >= threshold if inclusive else scores > threshold
 
 
+def removes_side(scores: np.ndarray, threshold: float | np.ndarray, keep_if: str) -> np.ndarray:
+    """A classifier's rule by the side it keeps: "low" removes score >= threshold, "high" removes
+    score < threshold (NaN, i.e. not scored, never)."""
+    if keep_if == "low":
+        return removes(scores, threshold, inclusive=True)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(scores, dtype=np.float64) < threshold
+
+
 def in_domains(domains: Sequence[str], wanted: Sequence[str] | None) -> np.ndarray:
     """Which documents a filter limited to `wanted` domains scores (all when None)."""
     if wanted is None:

@@ -51,6 +51,17 @@ def ccnet_normalize(text: str) -> str:
     return text.translate(_PUNCT).translate(_NON_PRINTING)
 
 
+def sentences_perplexity(score, sentences: Sequence[str]) -> float:
+    """10 ** (-sum of KenLM log10 scores / sum of (words + 1)) over a document's sentences, each
+    scored with begin and end markers (the +1 counts the end marker)."""
+    log10 = 0.0
+    length = 0
+    for sentence in sentences:
+        log10 += score(sentence)
+        length += len(sentence.split()) + 1
+    return 10.0 ** (-log10 / length)
+
+
 class PieceScorer:
     """KenLM over SentencePiece pieces of cc_net-normalised text."""
 
@@ -69,11 +80,5 @@ class PieceScorer:
         for i, text in enumerate(texts):
             units = [ccnet_normalize(text)] if self.mode == "document" else \
                 [ccnet_normalize(line) for line in text.split("\n")]
-            log10 = 0.0
-            length = 0
-            for unit in units:
-                line = self.pieces(unit)
-                log10 += self.lm.score(line)
-                length += len(line.split()) + 1
-            out[i] = 10.0 ** (-log10 / length)
+            out[i] = sentences_perplexity(self.lm.score, [self.pieces(unit) for unit in units])
         return out

@@ -26,7 +26,7 @@ import numpy as np
 from common.errors import CurateError
 from common.files import file_sha256
 from filters.base import ModelFilter, reasons_where
-from filters.calibrate import in_domains, per_domain, removes
+from filters.calibrate import in_domains, per_domain, removes_side
 from filters.fasttext_model import label_probability, load_classifier
 from filters.normalize import normalize_texts
 
@@ -84,11 +84,7 @@ class ClassifierFilter(ModelFilter):
         return {self.column: p}
 
     def removes(self, p: np.ndarray, domains: Sequence[str]) -> np.ndarray:
-        t = per_domain(domains, self.threshold, self.thresholds)
-        if self.keep_if == "low":
-            return removes(p, t, inclusive=True)
-        with np.errstate(invalid="ignore"):
-            return np.asarray(p, np.float64) < t           # NaN (not scored) compares False: kept
+        return removes_side(p, per_domain(domains, self.threshold, self.thresholds), self.keep_if)
 
     def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:
         if not self.calibrated:

@@ -23,7 +23,7 @@ import numpy as np
 
 from common.files import file_sha256
 from filters.base import ModelFilter
-from filters.ccnet import PieceScorer
+from filters.ccnet import PieceScorer, sentences_perplexity
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
 from filters.fasttext_model import label_probability, load_classifier
@@ -61,17 +61,8 @@ def load_sentencepiece(path: str | Path):
 def perplexities(model, texts: Sequence[str]) -> np.ndarray:
     """cc_net's document perplexity for each text. A text with no words after normalisation is
     scored as one empty line (only the end marker), so every document gets a finite value."""
-    score = model.score          # bos=True, eos=True: each line is a sentence
-    out = np.empty(len(texts))
-    for i, text in enumerate(texts):
-        lines = normalize_lines(text) or [""]
-        log10 = 0.0
-        words = 0
-        for line in lines:
-            log10 += score(line)
-            words += len(line.split()) + 1
-        out[i] = 10.0 ** (-log10 / words)
-    return out
+    return np.array([sentences_perplexity(model.score, normalize_lines(text) or [""]) for text in texts],
+                    dtype=np.float64)
 
 
 PERPLEXITY, FLUENCY, BOTH = "disfluency:perplexity", "disfluency:fluency", "disfluency:both"
