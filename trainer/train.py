@@ -224,7 +224,7 @@ class Trainer:
 
     def fit(self, resume: bool) -> Path:
         self.setup(resume)
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if self.step == 0:                      # initial weights and the starting model's losses
             self.logger.message(f"evaluating the starting model: held-out loss on {len(self.eval_sequences)} "
                                 "domain(s)")
