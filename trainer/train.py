@@ -30,6 +30,7 @@ from trainer.config import (PRESETS, TrainConfig, commented_config, load_train_c
 from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
                                  clip_grad_norm, full_model_state, full_optimizer_state, gradient_sync,
                                  init_distributed, load_optimizer_state, shutdown, unwrap, wrap_model)
+from trainer.distill import distill_kl
 from trainer.evaluate import evaluate_domains
 from trainer.metrics import RunLogger, peak_flops
 from trainer.optim import build_optimizer, build_scheduler
@@ -281,7 +282,6 @@ class Trainer:
                     out = self.model(batch[:, :-1], labels=batch[:, 1:], skip_logits=self.teacher is None)
                     total = out.loss + out.aux_loss
                     if self.teacher is not None:
-                        from trainer.distill import distill_kl
                         with torch.no_grad():
                             teacher_logits = self.teacher(batch[:, :-1]).logits
                         kl = distill_kl(out.logits, teacher_logits, distill.temperature, batch[:, 1:] >= 0)
