@@ -179,6 +179,9 @@ class Trainer:
             for block in blocks:
                 block.compile()                 # in place: parameter names stay as they are
         self.model = wrap_model(model, blocks, ctx)
+        # the routers balanced by a selection bias (balance_loss: bias), found once rather than every step
+        self.bias_routers = [m.router for m in unwrap(self.model).moe_layers().values()
+                             if m.router.expert_bias is not None]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
         self.teacher = None
@@ -301,8 +304,7 @@ class Trainer:
     def update_balance_bias(self) -> None:
         """balance_loss: bias -- each layer's selection bias moves toward the step's under-loaded experts,
         from the load summed over every rank (so the bias stays identical on all of them)."""
-        routers = [m.router for m in unwrap(self.model).moe_layers().values()
-                   if m.router.expert_bias is not None and m.router.step_counts is not None]
+        routers = [r for r in self.bias_routers if r.step_counts is not None]
         if not routers:
             return
         counts = all_reduce_sum(torch.stack([r.step_counts for r in routers]), self.ctx)
