@@ -157,6 +157,14 @@ def test_jsonl_truncation_drops_steps_past_the_checkpoint_and_torn_lines(tmp_pat
     assert json.loads(p.read_text().splitlines()[-1])["loss"] is None
 
 
+def test_jsonl_truncation_refuses_a_damaged_middle_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(CurateError, match="line 2"):
+        truncate_jsonl(p, 3)
+    assert p.read_text().count("\n") == 3      # nothing lost
+
+
 def test_demo_config_is_valid_and_reweights_within_forty_steps(tmp_path):
     from trainer.config import demo_train_config
     path = write_train_config(tmp_path / "run" / "config.yaml",

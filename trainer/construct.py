@@ -27,7 +27,7 @@ import torch
 
 from common.errors import CurateError
 from trainer.model import LlamaMoE, ModelConfig
-from trainer.moe import MoEConfig, MoELayer
+from trainer.moe import MoEConfig
 
 METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
 

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from common.errors import CurateError
 from common.files import write_atomic
 from common.progress import Progress
 
@@ -111,15 +112,18 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep records with step <= last_step (all of them are dropped when last_step < 0). A torn last
-    line (killed mid-write) is dropped too."""
+    line (killed mid-write) is dropped too; a damaged line before it is a CurateError, not lost silently."""
     if not path.exists():
         return
+    lines = path.read_text().splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
         except ValueError:
-            continue
+            if number == len(lines):
+                break
+            raise CurateError(f"{path}: line {number} is not JSON (only a torn last line is dropped on resume)")
         if rec.get("step", 0) <= last_step:
             kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept).encode())

@@ -299,7 +299,6 @@ class Router(nn.Module):
             aux = cfg.balance_coef * (cv_squared(importance) + cv_squared(load))
         return Routing(indices, weights, counts, aux)
 
-
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor | None = None) -> None:
         """One balancing step: bias += rate * sign(mean load - load), from `counts` (the step's load,
@@ -307,8 +306,8 @@ class Router(nn.Module):
         c = self.step_counts if counts is None else counts
         if self.expert_bias is None or c is None:
             return
-        if c.sum() > 0:
-            self.expert_bias += self.cfg.bias_rate * torch.sign(c.mean() - c)
+        # no `if c.sum() > 0` guard: it would wait on the GPU every step, and zero counts move nothing anyway
+        self.expert_bias += self.cfg.bias_rate * torch.sign(c.mean() - c)
         self.step_counts = None
 
 

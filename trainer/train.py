@@ -30,6 +30,7 @@ from trainer.config import (PRESETS, TrainConfig, commented_config, load_train_c
 from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
                                  clip_grad_norm, full_model_state, full_optimizer_state, gradient_sync,
                                  init_distributed, load_optimizer_state, shutdown, unwrap, wrap_model)
+from trainer.distill import distill_kl
 from trainer.evaluate import evaluate_domains
 from trainer.metrics import RunLogger, peak_flops
 from trainer.optim import build_optimizer, build_scheduler
@@ -178,6 +179,9 @@ class Trainer:
             for block in blocks:
                 block.compile()                 # in place: parameter names stay as they are
         self.model = wrap_model(model, blocks, ctx)
+        # the routers balanced by a selection bias (balance_loss: bias), found once rather than every step
+        self.bias_routers = [m.router for m in unwrap(self.model).moe_layers().values()
+                             if m.router.expert_bias is not None]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
         self.teacher = None
@@ -224,7 +228,7 @@ class Trainer:
 
     def fit(self, resume: bool) -> Path:
         self.setup(resume)
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if self.step == 0:                      # initial weights and the starting model's losses
             self.logger.message(f"evaluating the starting model: held-out loss on {len(self.eval_sequences)} "
                                 "domain(s)")
@@ -281,7 +285,6 @@ class Trainer:
                     out = self.model(batch[:, :-1], labels=batch[:, 1:], skip_logits=self.teacher is None)
                     total = out.loss + out.aux_loss
                     if self.teacher is not None:
-                        from trainer.distill import distill_kl
                         with torch.no_grad():
                             teacher_logits = self.teacher(batch[:, :-1]).logits
                         kl = distill_kl(out.logits, teacher_logits, distill.temperature, batch[:, 1:] >= 0)
@@ -301,8 +304,7 @@ class Trainer:
     def update_balance_bias(self) -> None:
         """balance_loss: bias -- each layer's selection bias moves toward the step's under-loaded experts,
         from the load summed over every rank (so the bias stays identical on all of them)."""
-        routers = [m.router for m in unwrap(self.model).moe_layers().values()
-                   if m.router.expert_bias is not None and m.router.step_counts is not None]
+        routers = [r for r in self.bias_routers if r.step_counts is not None]
         if not routers:
             return
         counts = all_reduce_sum(torch.stack([r.step_counts for r in routers]), self.ctx)
