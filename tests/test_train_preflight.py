@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from common.errors import CurateError
-from trainer.preflight import check_reference_losses, check_tokenizers, tokenizer_sha256, tokens_vocab_sha256
+from trainer.preflight import (check_reference_losses, check_tokenizers, tokenizer_sha256, tokens_tokenizer,
+                               tokens_vocab_sha256)
 
 
 def word_tokenizer(words: str, out):
@@ -45,3 +46,13 @@ def test_llama2_references_with_another_tokenizer_point_to_measure(tmp_path):
     check_reference_losses({"kind": "static", "reference_losses": "llama2-7b"}, tmp_path)
     (tmp_path / "tokenizer_source.json").write_text(json.dumps({"spec": "llama2", "vocab_size": 32000}))
     check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path)
+
+
+def test_a_damaged_tokenizer_record_is_a_clear_error(tmp_path):
+    assert tokens_tokenizer(tmp_path) is None            # a directory that predates the record
+    (tmp_path / "tokenizer_source.json").write_bytes(b"\x00\xff{not json")
+    with pytest.raises(CurateError, match="damaged"):
+        tokens_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_source.json").write_text("[1, 2]")
+    with pytest.raises(CurateError, match="not what `curate tokenize` writes"):
+        tokens_tokenizer(tmp_path)

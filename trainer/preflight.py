@@ -21,7 +21,15 @@ LLAMA2_VOCAB = 32000     # the tokenizer the manifest's llama2-7b reference loss
 def tokens_tokenizer(tokdir: str | Path) -> dict | None:
     """What `curate tokenize` recorded about its tokenizer (None for directories that predate it)."""
     p = Path(tokdir) / "tokenizer_source.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        source = json.loads(p.read_text())
+    except ValueError as e:         # JSONDecodeError, and UnicodeDecodeError for a binary file
+        raise CurateError(f"{p} is damaged ({e}): run `curate tokenize` again into a fresh directory") from e
+    if not isinstance(source, dict):
+        raise CurateError(f"{p} is not what `curate tokenize` writes: run it again into a fresh directory")
+    return source
 
 
 def vocab_sha256(vocab: dict[str, int]) -> str:
