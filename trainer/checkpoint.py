@@ -193,8 +193,13 @@ def _load_data(file: Path, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        # torch's own message goes on to suggest weights_only=False, which is exactly what must not be done
+        # with a file of unknown origin: name only what it found
+        found = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln),
+                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise CurateError(f"{file} is not a {what} written by curate train (it holds something other than "
-                          f"tensors and plain data, or is damaged); refusing to load it: {e}") from e
+                          f"tensors and plain data, or is damaged); refusing to load it ({found}). Resume "
+                          f"from another checkpoint, or start the run afresh") from e
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise CurateError(f"{file} is not a {what} written by curate train: expected a mapping with "
                           f"{', '.join(keys)}, found {type(state).__name__}")
