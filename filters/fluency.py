@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import file_sha256
-from filters.base import ModelFilter
+from filters.base import ModelFilter, Rule, split_default
 from filters.ccnet import PieceScorer, sentences_perplexity
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
@@ -149,8 +149,21 @@ class DisfluencyFilter(ModelFilter):
             return "cc_net normaliser per line, SentencePiece pieces per line (edugp / datatrove KenlmModel)"
         return "cc_net normaliser over the document, SentencePiece pieces (cc_net/mine.py)"
 
-    def describe(self) -> dict:
-        d: dict = {"reason": self.reason, "reasons": list(self.reasons), "domains": self.domains}
+    def rules(self) -> list[Rule]:
+        """The fluency classifier's threshold (named `disfluency.fluency` beside a KenLM model, whose
+        cut is `disfluency`), in the order `decide` gives their reasons precedence."""
+        out = []
+        if self.fluency_path is not None:
+            name = "disfluency" if self.kenlm_path is None else "disfluency.fluency"
+            out.append(Rule(name, "disfluency_score", ">=", *split_default(self.fluency_threshold),
+                            (BOTH,) if self.reasons == (BOTH,) else (FLUENCY,), "p(disfluent)"))
+        if self.kenlm_path is not None:
+            out.append(Rule("disfluency", "perplexity", ">", *split_default(self.max_perplexity),
+                            (BOTH,) if self.reasons == (BOTH,) else (PERPLEXITY,), "perplexity"))
+        return out
+
+    def details(self) -> dict:
+        d: dict = {"reasons": list(self.reasons), "domains": self.domains}
         if self.kenlm_path is not None:
             d.update(kenlm=str(self.kenlm_path), kenlm_sha256=file_sha256(self.kenlm_path, "KenLM model"),
                      max_perplexity=self.max_perplexity, tokenisation=self.tokenisation())
