@@ -94,6 +94,7 @@ class Rule:
     default: float | None          # the other domains' threshold (None: no limit there)
     reasons: tuple[str, ...]       # the reasons its removals are written with
     what: str                      # the score in words, e.g. "p(ad)", "perplexity"
+    log: bool = False              # its scores span orders of magnitude: histograms of log10
 
     def threshold(self, domain: str) -> float | None:
         return self.thresholds.get(domain, self.default)

@@ -74,6 +74,7 @@ import numpy as np
 from common.config import build, choice, commented_yaml, non_negative, positive, setting
 from common.errors import CurateError
 from common.files import read_yaml
+from filters import ads, fluency
 from filters.base import DocumentFilter, LengthFilter, ModelFilter, ThresholdFilter
 from filters.calibrate import domain_thresholds, per_domain, removes
 from filters.classifier import KEEP_IF, PREPARE
@@ -85,8 +86,8 @@ COMBINE = ("either", "both")
 RESERVED_NAMES = {"ads", "disfluency", "length", "ad"}
 MIN_CALIBRATION_DOCS = 50      # fewer sample documents of a domain than this: its threshold means little
 #: score columns every filter output has, whether or not the chain fills them (DESIGN.md; null when
-#: not scored): the ads classifier's and the KenLM model's
-REQUIRED_SCORES = ("ad_score", "perplexity")
+#: not scored): the ads classifier's and the KenLM model's, as those filters name them
+REQUIRED_SCORES = (ads.COLUMN, fluency.PERPLEXITY_COLUMN)
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -202,9 +203,7 @@ class AdsConfig(ThresholdSection):
         super().check(where)
 
     def build(self, name: str, cfg: FilterConfig) -> ModelFilter:
-        from filters.ads import AdFilter
-
-        return AdFilter(cfg.model_path(self.model), threshold=self.threshold, thresholds=self.thresholds,
+        return ads.AdFilter(cfg.model_path(self.model), threshold=self.threshold, thresholds=self.thresholds,
                         domains=self.domains, calibrated=self.drop_fraction is None)
 
 
@@ -298,12 +297,10 @@ class DisfluencyConfig:
                ([(name, self.calibrated)] if self.calibrated else [])
 
     def build(self, name: str, cfg: FilterConfig) -> ModelFilter:
-        from filters.fluency import DisfluencyFilter
-
         def path(p: str | None) -> Path | None:
             return None if p is None else cfg.model_path(p)
 
-        return DisfluencyFilter(
+        return fluency.DisfluencyFilter(
             kenlm=path(self.kenlm), max_perplexity=self.max_perplexity, fluency_model=path(self.fluency_model),
             fluency_threshold=self.fluency_threshold, combine=self.combine, domains=self.domains,
             calibrated=not self.needs_calibration(), sentencepiece=path(self.sentencepiece),
@@ -315,7 +312,7 @@ class DisfluencyConfig:
         fluency rule keeps (`combine: either`) or among what it flags (`both`); without KenLM,
         drop_fraction calibrates the fluency threshold."""
         d = self
-        ppl = np.asarray(scores["perplexity"], dtype=np.float64) if d.kenlm else None
+        ppl = np.asarray(scores[fluency.PERPLEXITY_COLUMN], dtype=np.float64) if d.kenlm else None
         dis = np.asarray(scores["disfluency_score"], dtype=np.float64) if d.fluency_model else None
         if d.fluency_drop_fraction is not None:
             res = domain_thresholds(np.where(alive, dis, np.nan), dom, d.fluency_drop_fraction, inclusive=True)

@@ -66,6 +66,8 @@ def perplexities(model, texts: Sequence[str]) -> np.ndarray:
 
 
 PERPLEXITY, FLUENCY, BOTH = "disfluency:perplexity", "disfluency:fluency", "disfluency:both"
+#: the KenLM score column, one DESIGN.md requires in every filter output (null where not scored)
+PERPLEXITY_COLUMN = "perplexity"
 
 
 class DisfluencyFilter(ModelFilter):
@@ -93,7 +95,7 @@ class DisfluencyFilter(ModelFilter):
         self.reasons = ((BOTH,) if combine == "both" and kenlm is not None and fluency_model is not None else
                         (((FLUENCY,) if fluency_model is not None else ()) +
                          ((PERPLEXITY,) if kenlm is not None else ())))
-        self.columns = (("perplexity",) if kenlm is not None else ()) + \
+        self.columns = ((PERPLEXITY_COLUMN,) if kenlm is not None else ()) + \
                        (("disfluency_score",) if fluency_model is not None else ())
         self._lm = None
         self._sp = None
@@ -118,7 +120,7 @@ class DisfluencyFilter(ModelFilter):
         if not chosen:
             return out
         if self._lm is not None:
-            out["perplexity"][idx] = (perplexities(self._lm, chosen) if self._sp is None else
+            out[PERPLEXITY_COLUMN][idx] = (perplexities(self._lm, chosen) if self._sp is None else
                                       PieceScorer(self._lm, self._sp, self.perplexity_mode).perplexities(chosen))
         if self._clf is not None:
             out["disfluency_score"][idx] = label_probability(self._clf, normalize_texts(chosen), "disfluent")
@@ -130,7 +132,7 @@ class DisfluencyFilter(ModelFilter):
                               "(`curate filter` calibrates it on a sample of the input first)")
         n = len(domains)
         by_ppl = np.zeros(n, bool) if self.kenlm_path is None else \
-            removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False)
+            removes(scores[PERPLEXITY_COLUMN], per_domain(domains, self.max_perplexity), inclusive=False)
         by_fluency = np.zeros(n, bool) if self.fluency_path is None else \
             removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold), inclusive=True)
         out = np.full(n, None, dtype=object)
@@ -158,8 +160,8 @@ class DisfluencyFilter(ModelFilter):
             out.append(Rule(name, "disfluency_score", ">=", *split_default(self.fluency_threshold),
                             (BOTH,) if self.reasons == (BOTH,) else (FLUENCY,), "p(disfluent)"))
         if self.kenlm_path is not None:
-            out.append(Rule("disfluency", "perplexity", ">", *split_default(self.max_perplexity),
-                            (BOTH,) if self.reasons == (BOTH,) else (PERPLEXITY,), "perplexity"))
+            out.append(Rule("disfluency", PERPLEXITY_COLUMN, ">", *split_default(self.max_perplexity),
+                            (BOTH,) if self.reasons == (BOTH,) else (PERPLEXITY,), "perplexity", log=True))
         return out
 
     def details(self) -> dict:
