@@ -15,10 +15,13 @@ word their errors the same way everywhere.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -161,12 +164,13 @@ def describe(hint: Any) -> str:
 
 def positive(value: int | float, key: str) -> None:
     if not value > 0:
-        raise CurateError(f"{key} must be > 0, got {value}")
+        raise CurateError(f"{key} must be {'a positive integer' if isinstance(value, int) else '> 0'}, got {value}")
 
 
 def non_negative(value: int | float, key: str) -> None:
     if not value >= 0:
-        raise CurateError(f"{key} must be >= 0, got {value}")
+        raise CurateError(f"{key} must be {'a non-negative integer' if isinstance(value, int) else '>= 0'}, "
+                          f"got {value}")
 
 
 def choice(value: Any, choices: tuple[str, ...], key: str) -> None:
@@ -210,6 +214,18 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # commented YAML
+
+
+def add_print_config_argument(p: argparse.ArgumentParser, text: Callable[[], str], what: str) -> None:
+    """`--print-config`: print `text()` (a commented config) and exit 0, as `--version` does, so the
+    command's required arguments need not be given."""
+    class PrintConfig(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            sys.stdout.write(text())
+            parser.exit()
+
+    p.add_argument("--print-config", action=PrintConfig, nargs=0,
+                   help=f"print a complete, commented {what} (every key, its default and meaning) and exit")
 
 
 def commented_yaml(cls: type, values: dict[str, Any], indent: int = 0, comment_out: bool = False,

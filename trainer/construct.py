@@ -458,14 +458,25 @@ def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: in
     return seqs
 
 
+def convert_steps(method: str, gate_init: str) -> list[str]:
+    """The steps `convert_dense` reports to its progress display, in order."""
+    calibrated = method.startswith("sharing") or gate_init == "fitted"
+    return ["load", *(["calibration"] if calibrated else []), "experts", *(["routers"] if gate_init == "fitted" else [])]
+
+
 def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, gate: str = "linear",
                   gate_init: str = "random", scale: float | None = None, seed: int = 0,
                   balance_loss: str | None = "cv2", shared_size: int | None = None,
                   calib_data: str | Path | None = None, calib_seqs_per_expert: int = 4, calib_len: int = 128,
-                  log: Callable[[str], None] = print) -> tuple[LlamaMoE, ModelConfig]:
+                  log: Callable[[str], None] = print, progress=None) -> tuple[LlamaMoE, ModelConfig]:
     """Load a dense LLaMA (any form `load_model` takes) and build the MoE: the core of `curate convert`,
-    also used by `curate train` to convert on the fly."""
+    also used by `curate train` to convert on the fly. `progress` (a common.progress.Progress over
+    `convert_steps`) advances once per step done."""
     from trainer.checkpoint_io import load_model
+
+    def done(step: str) -> None:
+        if progress is not None:
+            progress.update(1, done=step)
 
     s = ConvertSettings(experts=experts, top_k=top_k, method=method, gate=gate, gate_init=gate_init, scale=scale,
                         seed=seed, balance_loss=balance_loss, shared_size=shared_size)
@@ -475,6 +486,7 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
         model, cfg = load_model(dense, device="cpu", dtype=torch.float32)
     log(f"dense model {dense}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
         f"vocab {cfg.vocab_size}")
+    done("load")
     if cfg.moe is not None:
         raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
     calib = note = None
@@ -490,10 +502,13 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
         else:
             calib, note = calibration_tokens(calib_data, dense, cfg, n, T, seed)
             log(f"calibration: {note}")
+        done("calibration")
     elif calib_data is not None:
         log(f"note: --calib-data is not used by {method}")
     moe, moe_cfg = build_moe(model, s, calib if method.startswith("sharing") else None, note, log)
+    done("experts")
     if gate_init == "fitted":
         fit_routers(model, moe, calib, log=log)
         moe_cfg.moe.calibration = note
+        done("routers")
     return moe, moe_cfg

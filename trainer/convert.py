@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from common.errors import CurateError
-from trainer.construct import METHODS
+from common.progress import Progress, add_progress_argument
+from trainer.construct import METHODS, convert_steps
 from trainer.moe import GATES
 
 
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seqs", type=int, default=4, metavar="N", help="calibration sequences per expert (default: 4)")
     p.add_argument("--calib-len", type=int, default=128, metavar="T", help="calibration sequence length (default: 128)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,23 +72,28 @@ def run(args: argparse.Namespace) -> int:
               "until the gate learns; use --gate-init random for training", file=sys.stderr)
 
     t0 = time.time()
-    model, cfg = convert_dense(
-        args.dense, experts=args.experts, top_k=args.top_k, method=args.method, gate=args.gate,
-        gate_init=gate_init, scale=args.scale, seed=args.seed,
-        balance_loss=None if args.balance_loss == "none" else args.balance_loss, shared_size=args.shared_size,
-        calib_data=args.calib_data, calib_seqs_per_expert=args.calib_seqs, calib_len=args.calib_len)
-    tokenizer = load_tokenizer(args.dense)
-    from trainer.preflight import tokenizer_sha256
-    record = {"conversion": {
-        "dense": str(Path(args.dense).resolve()),
-        "tokenizer_vocab_sha256": tokenizer_sha256(args.dense),      # `curate train` compares it with the tokens'
+    # one step more than conversion's: writing the model
+    with Progress(len(convert_steps(args.method, gate_init)) + 1, "convert", unit="step",
+                  enabled=args.progress) as bar:
+        model, cfg = convert_dense(
+            args.dense, experts=args.experts, top_k=args.top_k, method=args.method, gate=args.gate,
+            gate_init=gate_init, scale=args.scale, seed=args.seed,
+            balance_loss=None if args.balance_loss == "none" else args.balance_loss, shared_size=args.shared_size,
+            calib_data=args.calib_data, calib_seqs_per_expert=args.calib_seqs, calib_len=args.calib_len,
+            log=lambda text: bar.note(text, file=sys.stdout), progress=bar)
+        tokenizer = load_tokenizer(args.dense)
+        from trainer.preflight import tokenizer_sha256
+        record = {"conversion": {
+            "dense": str(Path(args.dense).resolve()),
+            "tokenizer_vocab_sha256": tokenizer_sha256(args.dense),      # `curate train` compares it with the tokens'
 
-        "command": "curate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-    }}
-    if args.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    save_model(model, cfg, out, extra=record, tokenizer=tokenizer)
+            "command": "curate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+        }}
+        if args.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        save_model(model, cfg, out, extra=record, tokenizer=tokenizer)
+        bar.update(1, done="write")
     print(f"wrote {out} ({'with' if tokenizer is not None else 'no'} tokenizer) in {time.time() - t0:.1f}s")
     return 0

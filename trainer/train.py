@@ -322,7 +322,9 @@ class Trainer:
         t = self.cfg.train
         losses, load = evaluate_domains(self.model, self.eval_sequences, batch_size=self.cfg.data.micro_batch_size,
                                         max_batches=t.eval_batches, ctx=self.ctx, autocast=self.autocast,
-                                        moe_layers=unwrap(self.model).moe_layers())
+                                        moe_layers=unwrap(self.model).moe_layers(),
+                                        on_batch=lambda done, total: self.logger.working(eval=f"{done}/{total} batches"))
+        self.logger.working(eval=None)
         if self.stream.due_for_update(self.tokens_seen):   # also at step 0 when references are measured
             self.stream.update(losses, self.tokens_seen)
         self.logger.log_domains({"tokens": self.tokens_seen, "step": self.step,
