@@ -109,8 +109,10 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.enabled and self._printed != (self.n, self.fields):     # unless it would repeat the last line
-            self._line("done" if self.total is None or self.n >= self.total else "stopped")
+        elif self.enabled:
+            state = "done" if self.total is None or self.n >= self.total else "stopped"
+            if state == "done" or self._printed != (self.n, self.fields):    # a stop repeats no line
+                self._line(state)
         self.enabled = False
 
     def __enter__(self) -> "Progress":
