@@ -139,8 +139,8 @@ class CalibrationConfig:
     max_shards: int = setting(16, "shards sampled, evenly spaced over the sorted input list")
 
     def check(self, where: str) -> None:
-        positive(self.max_docs, f"{where}.max_docs")
-        positive(self.max_shards, f"{where}.max_shards")
+        for key in ("max_docs", "max_shards"):
+            positive(getattr(self, key), f"{where}.{key}")
 
 
 @dataclass(kw_only=True)
