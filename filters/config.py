@@ -54,7 +54,7 @@ and what the sample gave), so a re-run uses the same concrete thresholds.
 
 Every section is a dataclass loaded by common/config.py (types from the annotations, unknown keys
 rejected with the key named, so a typo never silently disables a filter), then range-checked by its
-`check()`; `curate filter --print-config` prints this reference from the same fields. A section
+`check()`; `curate filter --print-config` prints every key with its help from those fields. A section
 knows how to build its filter, calibrate itself and name its domains, so the chain, calibration and
 the domain check below are loops over `FilterConfig.model_sections()`.
 """
@@ -280,7 +280,7 @@ class DisfluencyConfig:
         if self.max_perplexity is not None and self.kenlm is None:
             raise CurateError(f"{where}.max_perplexity needs {where}.kenlm")
         if self.kenlm is not None and self.max_perplexity is None and self.drop_fraction is None:
-            self.drop_fraction = DEFAULT_DISFLUENCY_DROP
+            self.drop_fraction = DEFAULT_DISFLUENCY_DROP        # the paper's 15% when no limit is given
         choice(self.combine, COMBINE, f"{where}.combine")
         if self.domains is not None and (not self.domains or not all(self.domains)):
             raise CurateError(f"{where}.domains must be a non-empty list of domain names, got {self.domains!r}")
@@ -543,7 +543,7 @@ def calibrate_config(cfg: FilterConfig, domains: list[str], scores: dict[str, np
     alive = np.ones(dom.size, bool)
     out = cfg
     for name, section in cfg.model_sections():
-        f = section.build(name, cfg)
+        f = section.build(name, cfg)        # its filter names its columns (a thresholded one has one)
         section = section.calibrate(name, f.columns[0], scores, dom, alive)
         out = out.with_section(name, section)
         decided = section.build(name, out).decide({c: scores[c] for c in f.columns}, list(dom))

@@ -36,7 +36,7 @@ def test_convert_reports_its_steps_and_no_progress_silences_them(dense_dir, tmp_
     lines = [line for line in err.splitlines() if line.startswith("convert:")]
     # load, calibration, experts, routers, write: a start line, one a step at most, a closing one
     assert lines[0].startswith("convert: 0/5 step (0%)") and lines[0].endswith("started"), err
-    assert lines[-1].startswith("convert: 5/5 step (100%)") and "done write" in lines[-1] and lines[-1].endswith("done")
+    assert lines[-1].startswith("convert: 5/5 step (100%)") and "finished write" in lines[-1] and lines[-1].endswith("done")
     assert len(lines) <= 7
     assert "dense model" in out and "fitted routers" in out and "wrote" in out     # messages stay on stdout
 

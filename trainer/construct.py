@@ -476,7 +476,7 @@ def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, g
 
     def done(step: str) -> None:
         if progress is not None:
-            progress.update(1, done=step)
+            progress.update(1, finished=step)
 
     s = ConvertSettings(experts=experts, top_k=top_k, method=method, gate=gate, gate_init=gate_init, scale=scale,
                         seed=seed, balance_loss=balance_loss, shared_size=shared_size)

@@ -94,6 +94,6 @@ def run(args: argparse.Namespace) -> int:
         if args.dtype == "bfloat16":
             model = model.to(torch.bfloat16)
         save_model(model, cfg, out, extra=record, tokenizer=tokenizer)
-        bar.update(1, done="write")
+        bar.update(1, finished="write")
     print(f"wrote {out} ({'with' if tokenizer is not None else 'no'} tokenizer) in {time.time() - t0:.1f}s")
     return 0
