@@ -80,9 +80,6 @@ class LengthFilter(DocumentFilter):
         return {"reason": self.reason, "min_chars": self.min_chars, "min_words": self.min_words}
 
 
-SIDES = (">=", ">", "<")
-
-
 @dataclass(frozen=True)
 class Rule:
     """One threshold of a model filter, as the filter describes it: what calibration's summary,
