@@ -156,7 +156,7 @@ class ThresholdSection:
     calibrated: dict | None = setting(None, "written by calibration: what was asked and what the sample gave")
 
     probability: ClassVar[bool] = True      # the score is a probability: thresholds lie in [0, 1]
-    keep_if: ClassVar[str] = "low"          # (a field where the user chooses it)
+    # a subclass says which side it keeps: `keep_if`, "low" or "high" (a field where the user chooses)
 
     def check(self, where: str) -> None:
         lo, hi = (0.0, 1.0) if self.probability else (-math.inf, math.inf)
@@ -195,6 +195,7 @@ class ThresholdSection:
 
 @dataclass(kw_only=True)
 class AdsConfig(ThresholdSection):
+    keep_if: ClassVar[str] = "low"          # remove when p(ad) >= threshold
     model: str = setting(help="a fastText model from `curate train-classifier --task ads`; relative paths "
                               "are relative to this file")
 
