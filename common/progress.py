@@ -73,9 +73,12 @@ class Progress:
                 self._bar.set_postfix({k: _short(v) for k, v in self.fields.items()}, refresh=False)
             self._bar.update(n)
             return
-        if n and self.total and self.n >= self.total:
-            return                  # the closing line says "done" (work after the last item still shows)
-        if time.monotonic() - self._last_line >= self.every_s or self._tenth() > self._last_tenth:
+        due = time.monotonic() - self._last_line >= self.every_s
+        if self.total and self.n >= self.total:
+            if due and not n:       # work after the last item (a final evaluation) still shows
+                self._line()
+            return                  # the closing line says "done"
+        if due or self._tenth() > self._last_tenth:
             self._line()
 
     def set_fields(self, **fields: Any) -> None:

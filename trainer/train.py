@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from common.errors import CurateError
 from trainer import checkpoint as ckpt
 from common.config import apply_overrides, parse_assignment
-from common.progress import add_progress_argument
+from common.progress import Progress, add_progress_argument
 from trainer.config import (PRESETS, TrainConfig, commented_config, load_train_config, preset_sections,
                             sampler_config, save_config)
 from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
@@ -143,14 +144,17 @@ class Trainer:
             return load_model(checkpoint, device="cpu", dtype=torch.float32)
         if m.path is not None:
             return load_model(m.path, device="cpu", dtype=torch.float32)
-        from trainer.construct import convert_dense
+        from trainer.construct import convert_dense, convert_steps
         c = m.convert
-        log = print if self.ctx.is_main else (lambda _: None)
-        return convert_dense(m.dense, experts=c.experts, top_k=c.top_k, method=c.method, gate=c.gate,
-                             gate_init=c.gate_init, scale=c.scale, seed=c.seed,
-                             balance_loss=None if c.balance_loss == "none" else c.balance_loss,
-                             shared_size=c.shared_size, calib_data=c.calib_data, calib_seqs_per_expert=c.calib_seqs,
-                             calib_len=c.calib_len, log=log)
+        main = self.ctx.is_main
+        with Progress(len(convert_steps(c.method, c.gate_init)), "convert", unit="step",
+                      enabled=self.progress and main) as bar:
+            log = (lambda text: bar.note(text, file=sys.stdout)) if main else (lambda _: None)
+            return convert_dense(m.dense, experts=c.experts, top_k=c.top_k, method=c.method, gate=c.gate,
+                                 gate_init=c.gate_init, scale=c.scale, seed=c.seed,
+                                 balance_loss=None if c.balance_loss == "none" else c.balance_loss,
+                                 shared_size=c.shared_size, calib_data=c.calib_data,
+                                 calib_seqs_per_expert=c.calib_seqs, calib_len=c.calib_len, log=log, progress=bar)
 
     def setup(self, resume: bool) -> None:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
