@@ -60,6 +60,7 @@ the domain check below are loops over `FilterConfig.model_sections()`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -360,11 +361,15 @@ def plugin_section(cls: type[ThresholdFilter]) -> type[ThresholdSection]:
     """The settings dataclass of a plugin's YAML section: the ThresholdSection fields (threshold
     without a default: one of threshold, thresholds or drop_fraction is needed), its `options`
     (typed by their defaults) and its `files`."""
-    def option(default: Any) -> Any:
-        return Any if default is None else float if isinstance(default, float) else type(default)
+    def option(default: Any) -> tuple[Any, Any]:
+        """(type, field) of an option: typed by its default; a list or mapping copied per section."""
+        if isinstance(default, (list, dict)):
+            kind = list[Any] if isinstance(default, list) else dict[str, Any]
+            return kind, setting(factory=lambda: copy.deepcopy(default), help="an option of the plugin")
+        return Any if default is None else type(default), setting(default, "an option of the plugin")
 
     fields = [("threshold", float | None, setting(None, "remove on the side its keep_if names"))]
-    fields += [(k, option(v), setting(v, "an option of the plugin")) for k, v in cls.options.items()]
+    fields += [(k, *option(v)) for k, v in cls.options.items()]
     fields += [(k, str | None, setting(None, "a model file (relative to this file)")) for k in cls.files]
 
     def check(self, where: str) -> None:

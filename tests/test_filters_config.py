@@ -133,3 +133,29 @@ def test_filters_describe_their_rules(tmp_path):
     both = build_filters(parse_filter_config({"disfluency": {"kenlm": "l", "fluency_model": "f", "combine": "both",
                                                              "max_perplexity": 5}}))[1]
     assert [r.reasons for r in both.rules()] == [("disfluency:both",), ("disfluency:both",)]
+
+
+def test_plugin_options_are_typed_by_their_defaults():
+    """A plugin section is validated like a built-in one: unknown keys, types from the defaults
+    (lists and mappings included, copied per section), thresholds in range."""
+    from filters.base import ThresholdFilter
+    from filters.config import plugin_section
+
+    class Words(ThresholdFilter):
+        section, column = "words", "words_score"
+        probability = False
+        options = {"stop": ["the"], "weights": {}, "min": 2, "scale": 1.0, "strict": False}
+
+    Section = plugin_section(Words)
+    a, b = Section(threshold=-3.0), Section(threshold=1e6)      # not a probability: any finite number
+    a.stop.append("a")
+    assert b.stop == ["the"] and b.weights == {} and a.check("words") is None
+    from common.config import build
+    s = build(Section, {"threshold": 5, "stop": ["x", "y"], "min": 3.0, "scale": 2}, "words")
+    assert (s.threshold, s.stop, s.min, s.scale) == (5.0, ["x", "y"], 3, 2.0)
+    for raw, message in (({"stop": "the"}, "words.stop must be a list"), ({"min": 2.5}, "words.min must be an integer"),
+                         ({"strict": "yes"}, "words.strict must be true or false"), ({"mn": 1}, "unknown key words.mn")):
+        with pytest.raises(CurateError, match=message):
+            build(Section, {"threshold": 1, **raw}, "words")
+    with pytest.raises(CurateError, match="words needs threshold, thresholds or drop_fraction"):
+        Section().check("words")
