@@ -79,6 +79,13 @@ class _FusedExperts(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
+    def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # Triton's interpreter (3.9) multiplies bf16 operands wrongly, so under it they go to fp32 first
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _expert_tile(ends_ptr, pid_m, E: tl.constexpr, BLOCK_M: tl.constexpr):
         """(expert, first row, end row) of row tile pid_m, tiles numbered expert by expert; expert -1
         past the last tile. A scan over the E group ends: E is small, and it keeps the host out."""
@@ -103,7 +110,7 @@ if triton is not None:
                          N_OUT, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_hm, stride_actm,
                          stride_dws, up_offset,
                          TOP_K: tl.constexpr, E: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
-                         EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                         EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """C[p, n] = sum_k A[row(p), k] * B[e(p), k, n] over one expert's tile of sorted rows.
 
@@ -140,13 +147,13 @@ if triton is not None:
                 k_ok = offs_k < K - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, PRECISION, UPCAST)
             if EPILOGUE == 1:
                 if EVEN_K:
                     b_up = tl.load(b_ptrs + up_offset, mask=col_ok[None, :], other=0.0)
                 else:
                     b_up = tl.load(b_ptrs + up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+                acc_up = _mma(a, b_up, acc_up, PRECISION, UPCAST)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bk
 
@@ -184,7 +191,7 @@ if triton is not None:
     @triton.jit
     def _moe_wgrad_kernel(g_ptr, x_ptr, dw_ptr, order_ptr, ends_ptr, N_OUT, K_IN, stride_gm, stride_xm,
                           stride_dwe, stride_dwn, TOP_K: tl.constexpr, GATHER_G: tl.constexpr,
-                          GATHER_X: tl.constexpr, PRECISION: tl.constexpr,
+                          GATHER_X: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """dW[e, n, c] = sum over expert e's sorted rows p of G[row_g(p), n] * X[row_x(p), c], with
         row(p) = order[p] // TOP_K where gathered, else p. An expert without rows gets zeros."""
@@ -213,7 +220,7 @@ if triton is not None:
                 x_rows = rows.to(tl.int64)
             g = tl.load(g_ptr + g_rows[:, None] * stride_gm + n[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
             x = tl.load(x_ptr + x_rows[:, None] * stride_xm + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+            acc = _mma(tl.trans(g), x, acc, PRECISION, UPCAST)
         tl.store(dw_ptr + e.to(tl.int64) * stride_dwe + n[:, None] * stride_dwn + c[None, :],
                  acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
 
@@ -262,7 +269,7 @@ if triton is not None:
             h.stride(0) if h is not None else 0, act.stride(0) if act is not None else 0,
             dws.stride(0) if dws is not None else 0, up_offset,
             TOP_K=top_k, E=E, GATHER_A=gather_a, SCATTER_C=scatter_c, EPILOGUE=epilogue, EVEN_K=k % bk == 0,
-            PRECISION=_precision(a), **blocks)
+            PRECISION=_precision(a), UPCAST=_INTERPRET, **blocks)
 
     # ------------------------------------------------------------------------------ custom ops
 
@@ -341,7 +348,7 @@ if triton is not None:
         grid = (triton.cdiv(k_in, blocks["BLOCK_K"]), triton.cdiv(n_out, blocks["BLOCK_N"]), E)
         _moe_wgrad_kernel[grid](g, x, dw, order, ends, n_out, k_in, g.stride(0), x.stride(0), dw.stride(0),
                                 dw.stride(1), TOP_K=top_k, GATHER_G=gather_g, GATHER_X=gather_x,
-                                PRECISION=_precision(g), **blocks)
+                                PRECISION=_precision(g), UPCAST=_INTERPRET, **blocks)
         return dw
 
     @_weight_grad.register_fake
