@@ -79,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="run our models eagerly")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for every variant's blocks, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--no-layer", action="store_true", help="skip the single-layer timing")
+    p.add_argument("--layer-variants", default=None, help="comma list of variants timed as one layer (default: --variants)")
     p.add_argument("--profile", action="store_true", help="also profile moe-grouped and print the top kernels")
     p.add_argument("--profile-variants", default="moe-grouped",
                    help="comma list of variants --profile profiles (a whole step, optimizer included)")
@@ -91,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.hidden, a.layers, a.heads, a.vocab, a.experts, a.top_k, a.expert_size = 64, 2, 4, 256, 4, 2, 32
         a.batch, a.seq, a.steps, a.warmup, a.no_compile = 2, 32, 1, 1, True
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    a.layer_variants = a.variants if a.layer_variants is None else [v.strip() for v in a.layer_variants.split(",") if v.strip()]
     bad = [v for v in a.variants if v not in ALL_VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {ALL_VARIANTS}")
@@ -488,6 +490,7 @@ def peak_flops(a, device) -> float | None:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     a = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     if device.type == "cuda":
@@ -498,12 +501,19 @@ def main(argv=None) -> int:
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_info(device), "args": vars(a), **info,
                "checks": check_grouped(mcfg, device), "layer": {}, "model": {}}
     print(f"checks: {results['checks']}")
+    out_path = Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every phase: a run stopped at its time limit keeps what it measured
+        results["elapsed_s"] = time.perf_counter() - started
+        out_path.write_text(json.dumps(results, indent=1, default=str))
+    save()
 
     if not a.no_layer:
         for kind in ("dense-matched", "moe-fused", "moe-grouped", "moe-grouped-torch", "moe-loop", "hf-grouped"):
-            if kind in a.variants or kind == "dense-matched":
+            if kind in a.layer_variants or kind == "dense-matched":
                 results["layer"][kind] = time_layer(kind, mcfg, a, device)
-                print(f"layer {kind:14s} {results['layer'][kind]['tokens_per_s']:>12,.0f} tokens/s")
+                print(f"[{time.perf_counter() - started:.0f}s] layer {kind:14s} {results['layer'][kind]['tokens_per_s']:>12,.0f} tokens/s")
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -520,20 +530,21 @@ def main(argv=None) -> int:
             r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
         results["model"][name] = r
         spread = " ".join(f"{t:,.0f}" for t in r.get("rounds_tokens_per_s", []))
-        print(f"model {name:14s} " + (f"{r['tokens_per_s']:>12,.0f} tokens/s (rounds: {spread})"
-                                      if "tokens_per_s" in r else r["error"]))
+        print(f"[{time.perf_counter() - started:.0f}s] model {name:14s} " + (
+            f"{r['tokens_per_s']:>12,.0f} tokens/s (rounds: {spread})" if "tokens_per_s" in r else r["error"]))
+    save()
 
     if a.profile:
         for name in a.profile_variants.split(","):
             print(f"\n---- profile: {name}")
             results[f"profile_{name.replace('-', '_')}"] = profile_moe(runs[name], a, device)
+            save()
 
     results["ratios"] = ratios(results)
     print_profile_comparison(results)
     print_table(results)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {a.out}")
+    save()
+    print(f"[{time.perf_counter() - started:.0f}s] wrote {a.out}")
     return 0
 
 
