@@ -82,8 +82,10 @@ if triton is not None:
     def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         # Triton's interpreter (3.9) multiplies bf16 operands wrongly, so under it they go to fp32 first
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc, input_precision=PRECISION)
+        return out
 
     @triton.jit
     def _expert_tile(ends_ptr, pid_m, E: tl.constexpr, BLOCK_M: tl.constexpr):
