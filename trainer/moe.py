@@ -428,12 +428,13 @@ class Experts(nn.Module):
         return _UnpermuteSum.apply(ys, order, inverse, k)
 
     def _use_fused(self, x: torch.Tensor, impl: str) -> bool:
-        if impl == "fused":
-            if not (fused_moe.available() and triton_runs_on(x)):
-                raise RuntimeError("expert impl 'fused' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-            return True
-        return (impl == "auto" and fused_moe.available() and x.is_cuda
-                and self._compute_dtype(x) in (torch.bfloat16, torch.float16))
+        # Only when asked: "auto" keeps grouped_mm, whose CUTLASS GEMMs outrun the fused Triton kernels by
+        # more than the permutation passes cost (H200: benchmarks/results/moe_speed_fused.md).
+        if impl != "fused":
+            return False
+        if not (fused_moe.available() and triton_runs_on(x)):
+            raise RuntimeError("expert impl 'fused' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+        return True
 
     def _use_grouped(self, x: torch.Tensor, impl: str) -> bool:
         if impl not in EXPERT_IMPLS:
