@@ -273,6 +273,16 @@ if triton is not None:
             TOP_K=top_k, E=E, GATHER_A=gather_a, SCATTER_C=scatter_c, EPILOGUE=epilogue, EVEN_K=k % bk == 0,
             PRECISION=_precision(a), UPCAST=_INTERPRET, **blocks)
 
+    def _launch_wgrad(g, x, dw, order, ends, top_k, gather_g, gather_x, blocks=None):
+        E, n_out, k_in = dw.shape
+        if n_out == 0 or k_in == 0:
+            return
+        blocks = blocks or _wgrad_blocks(n_out, k_in)
+        grid = (triton.cdiv(k_in, blocks["BLOCK_K"]), triton.cdiv(n_out, blocks["BLOCK_N"]), E)
+        _moe_wgrad_kernel[grid](g, x, dw, order, ends, n_out, k_in, g.stride(0), x.stride(0), dw.stride(0),
+                                dw.stride(1), TOP_K=top_k, GATHER_G=gather_g, GATHER_X=gather_x,
+                                PRECISION=_precision(g), UPCAST=_INTERPRET, **blocks)
+
     # ------------------------------------------------------------------------------ custom ops
 
     @torch.library.custom_op("curate::moe_up_swiglu", mutates_args=())
@@ -342,15 +352,8 @@ if triton is not None:
                      gather_g: bool, gather_x: bool) -> torch.Tensor:
         """dW [E, n_out, k_in]: dW[e] = sum over expert e's rows p of outer(g[row_g(p)], x[row_x(p)])."""
         g, x = g.contiguous(), x.contiguous()
-        E, n_out, k_in = ends.numel(), g.shape[1], x.shape[1]
-        dw = g.new_empty(E, n_out, k_in)
-        if n_out == 0 or k_in == 0:
-            return dw
-        blocks = _wgrad_blocks(n_out, k_in)
-        grid = (triton.cdiv(k_in, blocks["BLOCK_K"]), triton.cdiv(n_out, blocks["BLOCK_N"]), E)
-        _moe_wgrad_kernel[grid](g, x, dw, order, ends, n_out, k_in, g.stride(0), x.stride(0), dw.stride(0),
-                                dw.stride(1), TOP_K=top_k, GATHER_G=gather_g, GATHER_X=gather_x,
-                                PRECISION=_precision(g), UPCAST=_INTERPRET, **blocks)
+        dw = g.new_empty(ends.numel(), g.shape[1], x.shape[1])
+        _launch_wgrad(g, x, dw, order, ends, top_k, gather_g, gather_x)
         return dw
 
     @_weight_grad.register_fake
