@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CurateError
-from trainer.kernels import swiglu_weighted
+from trainer import fused_moe
+from trainer.kernels import swiglu_weighted, triton_runs_on
 
 GATES = ("noisy-linear", "linear", "noisy-mlp")
 # "fitted": random, then fitted to the dense model's expert outputs by `curate convert` (construct.fit_routers)
 GATE_INITS = ("random", "zero", "fitted")
 # "bias": no auxiliary loss; a per-expert bias on the selection logits follows the load (DeepSeek-V3)
 BALANCE_LOSSES = ("cv2", "switch", "bias", None)
-EXPERT_IMPLS = ("auto", "grouped", "loop")
+EXPERT_IMPLS = ("auto", "fused", "grouped", "loop")
 
 # torch >= 2.10 has the public name; 2.8/2.9 only the private op with the same arguments.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -404,11 +405,17 @@ class Experts(nn.Module):
         # Sort the N*k (token, slot) pairs by expert; a stable sort keeps token order inside a group.
         # int32 keys: half the radix passes of int64.
         expert_sorted, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # ends[e] = end of expert e's rows. A binary search in the sorted ids: no atomics, no host sync
         # (bincount would read its max back to the host).
         experts = torch.arange(self.num_experts, device=x.device, dtype=expert_sorted.dtype)
         ends = torch.searchsorted(expert_sorted, experts, right=True)
+        if self._use_fused(x, impl):
+            # the permutation happens inside the expert GEMMs' loads and stores (trainer/fused_moe.py)
+            dt = self._compute_dtype(x)
+            ws = weights.reshape(-1).index_select(0, order)
+            return fused_moe.fused_experts(x.to(dt), self.gate_up_proj.to(dt), self.down_proj.to(dt), ws,
+                                           order, ends, k)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         grouped = self._use_grouped(x, impl)
         if grouped:
             x = x.to(self._compute_dtype(x))  # permute in the GEMM dtype: half the bytes moved under autocast
@@ -419,6 +426,15 @@ class Experts(nn.Module):
         ws = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
         ys = self._grouped(xs, ws, ends) if grouped else self._loop(xs, ws, ends)
         return _UnpermuteSum.apply(ys, order, inverse, k)
+
+    def _use_fused(self, x: torch.Tensor, impl: str) -> bool:
+        # Only when asked: "auto" keeps grouped_mm, whose CUTLASS GEMMs outrun the fused Triton kernels by
+        # more than the permutation passes cost (H200: benchmarks/results/moe_speed_fused.md).
+        if impl != "fused":
+            return False
+        if not (fused_moe.available() and triton_runs_on(x)):
+            raise RuntimeError("expert impl 'fused' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+        return True
 
     def _use_grouped(self, x: torch.Tensor, impl: str) -> bool:
         if impl not in EXPERT_IMPLS:
