@@ -137,11 +137,13 @@ class DistillConfig:
     teacher: str = setting("", "the teacher: any model `load_model` reads (HF dir, .gguf, our model dir)")
     weight: float = setting(1.0, "weight of the KL term")
     temperature: float = setting(1.0, "softmax temperature of both distributions")
+    label_weight: float = setting(1.0, "weight of the usual next-token loss on the labels beside it (0: the KL alone)")
 
     def check(self, where: str) -> None:
         if not self.teacher:
             raise CurateError(f"{where}.teacher is required: the model to distil from (e.g. the dense model)")
         non_negative(self.weight, f"{where}.weight")
+        non_negative(self.label_weight, f"{where}.label_weight")
         positive(self.temperature, f"{where}.temperature")
 
 

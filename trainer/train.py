@@ -288,7 +288,7 @@ class Trainer:
                         with torch.no_grad():
                             teacher_logits = self.teacher(batch[:, :-1]).logits
                         kl = distill_kl(out.logits, teacher_logits, distill.temperature, batch[:, 1:] >= 0)
-                        total = total + distill.weight * kl
+                        total = distill.label_weight * out.loss + out.aux_loss + distill.weight * kl
                         kl_sum += kl.detach()
                 (total / self.accum).backward()
             loss_sum += out.loss.detach()
