@@ -144,13 +144,8 @@ class Trainer:
         if m.path is not None:
             return load_model(m.path, device="cpu", dtype=torch.float32)
         from trainer.construct import convert_dense
-        c = m.convert
         log = print if self.ctx.is_main else (lambda _: None)
-        return convert_dense(m.dense, experts=c.experts, top_k=c.top_k, method=c.method, gate=c.gate,
-                             gate_init=c.gate_init, scale=c.scale, seed=c.seed,
-                             balance_loss=None if c.balance_loss == "none" else c.balance_loss,
-                             shared_size=c.shared_size, calib_data=c.calib_data, calib_seqs_per_expert=c.calib_seqs,
-                             calib_len=c.calib_len, log=log)
+        return convert_dense(m.dense, m.convert, log=log)
 
     def setup(self, resume: bool) -> None:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
