@@ -165,17 +165,18 @@ def cmd_report(args) -> int:
     order = [n for n in RUNS if n in runs]
     dense = mean(parts[0]["dense"])
     head = parts[0]
-    lines = [f"{head['date']}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2, "
+    dates = sorted({p["date"] for p in parts})
+    lines = [f"{', '.join(dates)}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2, "
              f"{runs[order[0]]['steps']} steps x {runs[order[0]]['global_batch_tokens']:,} tokens, seq "
              f"{runs[order[0]]['seq_len']}, lr 3e-4, static Sheared weights. Held-out mean loss over the 7 domains "
              f"(dense model: {dense:.3f}). Routing on the held-out batches without gate noise; 240 experts in all.",
              "", "| run | held-out loss, step 0 | at the end | experts under 1% (start -> end) | busiest expert, "
-             "worst layer (end) | tokens/s |", "|---|---|---|---|---|---|"]
+             "worst layer (end) | tokens/s (runs sharing the GPU) |", "|---|---|---|---|---|---|"]
     for n in order:
         r = runs[n]
         lines.append(f"| {r['label']} | {r['loss_start']:.2f} | **{r['loss_end']:.2f}** | {r['dead_start']} -> "
                      f"{r['dead_end']} | {r['busiest_end']:.1%} (layer {r['worst_layer_end']}) | "
-                     f"{r['tokens_per_s']:,.0f} |")
+                     f"{r['tokens_per_s']:,.0f} ({r.get('runs_sharing_the_gpu', 1)}) |")
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -196,7 +197,7 @@ def cmd_report(args) -> int:
     plt.close(fig)
 
     # routing: per layer, every expert's share at the end (old vs new defaults and the best runs)
-    shown = [n for n in ("old-defaults", "new-defaults", "bias", "fitted") if n in runs]
+    shown = [n for n in ("old-defaults", "new-defaults", "linear", "bias", "bias-distill-kl", "fitted") if n in runs]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 6.2), sharey=True)
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, shown):
