@@ -13,6 +13,7 @@ steps a checkpoint is written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from common.errors import CurateError
+from common.files import write_atomic
 from trainer import checkpoint as ckpt
 from common.config import apply_overrides, parse_assignment
 from common.progress import add_progress_argument
@@ -154,7 +156,7 @@ class Trainer:
         if checkpoint is None:          # a resumed run passed these checks when it started
             from trainer.preflight import check_reference_losses, check_tokenizers
             check_tokenizers(cfg.model, cfg.data.tokens)
-            check_reference_losses(cfg.sampler, cfg.data.tokens)
+            check_reference_losses(cfg.sampler, cfg.data.tokens, cfg.data.seq_len)
         seed_everything(t.seed)                 # the same initial weights on every rank
         model, self.model_cfg = self.build_model(checkpoint)
         if self.tokens.vocab_size > self.model_cfg.vocab_size:
@@ -319,13 +321,31 @@ class Trainer:
                                         max_batches=t.eval_batches, ctx=self.ctx, autocast=self.autocast,
                                         moe_layers=unwrap(self.model).moe_layers())
         if self.stream.due_for_update(self.tokens_seen):   # also at step 0 when references are measured
+            measuring = self.stream.reference is None
             self.stream.update(losses, self.tokens_seen)
+            if measuring and self.ctx.is_main:
+                self.write_reference()
         self.logger.log_domains({"tokens": self.tokens_seen, "step": self.step,
                                  "weights": dict(self.stream.weights), "eval_loss": losses})
         if load:
             self.logger.log_routing({"step": self.step, "tokens": self.tokens_seen,
                                      "layers": {str(layer): row for layer, row in load.items()}})
         self.last_eval_tokens = self.tokens_seen
+
+    def write_reference(self) -> None:
+        """RUN/reference_losses.json: the measured references with the tokenizer and context they were
+        measured with, so another run can take them (`reference_losses: RUN/reference_losses.json`) and
+        be refused if its tokens or seq_len differ."""
+        from trainer.preflight import tokens_vocab_sha256
+        d, t = self.cfg.data, self.cfg.train
+        write_atomic(self.run_dir / "reference_losses.json", json.dumps({
+            "reference_losses": self.stream.reference,
+            "tokenizer_vocab_sha256": tokens_vocab_sha256(d.tokens),
+            "seq_len": d.seq_len,
+            "eval_tokens_per_domain": t.eval_batches * d.micro_batch_size * d.seq_len,
+            "model": str(self.cfg.model.path or self.cfg.model.dense),
+            "tokens": str(d.tokens), "step": self.step,
+        }, indent=1).encode() + b"\n")
 
     def max_memory(self) -> float | None:
         """Peak GPU memory of this rank so far (GB); None on CPU."""
