@@ -15,10 +15,13 @@ word their errors the same way everywhere.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -41,22 +44,30 @@ def field_help(f: dataclasses.Field) -> str:
 
 def build(cls: type, values: Any, where: str) -> Any:
     """Instantiate dataclass `cls` from a mapping, refusing unknown keys and wrong types by name
-    (`where.key`). Missing keys take the field defaults."""
+    (`where.key`; `where` "" for a file's top level). Missing keys take the field defaults; a
+    missing key without one is refused with its help."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise CurateError(f"{where} must be a mapping, got {type(values).__name__}")
+        raise CurateError(f"{where or 'the config'} must be a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise CurateError(f"unknown key {where}.{key} (known: {', '.join(sorted(names))})")
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:          # a field without a default that was not given
-        raise CurateError(f"{where}: {e}") from None
+            raise CurateError(f"unknown key {_dotted(where, key)} (known: {', '.join(sorted(names))})")
+        kwargs[key] = coerce(value, hints[key], _dotted(where, key))
+    for f in fields:
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            help_text = field_help(f)
+            raise CurateError(f"{_dotted(where, f.name)} is required" + (f" ({help_text})" if help_text else ""))
+    return cls(**kwargs)
+
+
+def _dotted(where: str, key: str) -> str:
+    """`where.key`; just `key` at the top level of a file (`where` empty)."""
+    return f"{where}.{key}" if where else key
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
@@ -153,12 +164,13 @@ def describe(hint: Any) -> str:
 
 def positive(value: int | float, key: str) -> None:
     if not value > 0:
-        raise CurateError(f"{key} must be > 0, got {value}")
+        raise CurateError(f"{key} must be {'a positive integer' if isinstance(value, int) else '> 0'}, got {value}")
 
 
 def non_negative(value: int | float, key: str) -> None:
     if not value >= 0:
-        raise CurateError(f"{key} must be >= 0, got {value}")
+        raise CurateError(f"{key} must be {'a non-negative integer' if isinstance(value, int) else '>= 0'}, "
+                          f"got {value}")
 
 
 def choice(value: Any, choices: tuple[str, ...], key: str) -> None:
@@ -204,17 +216,30 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 # commented YAML
 
 
+def add_print_config_argument(p: argparse.ArgumentParser, text: Callable[[], str], what: str) -> None:
+    """`--print-config`: print `text()` (a commented config) and exit 0, as `--version` does, so the
+    command's required arguments need not be given."""
+    class PrintConfig(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            sys.stdout.write(text())
+            parser.exit()
+
+    p.add_argument("--print-config", action=PrintConfig, nargs=0,
+                   help=f"print a complete, commented {what} (every key, its default and meaning) and exit")
+
+
 def commented_yaml(cls: type, values: dict[str, Any], indent: int = 0, comment_out: bool = False,
                    only: set[str] | None = None) -> list[str]:
     """Lines of YAML for dataclass `cls` holding `values` (missing keys: the field defaults), every
     key followed by its help as a comment. A nested dataclass is written as an indented block; when
     its value is None its keys are shown commented out, with their defaults, to show what it takes.
-    `only` limits the output to those fields."""
+    `only` limits the output to those fields. A subclass's own keys come before the ones it inherits
+    (a classifier's name and model before the threshold settings every model filter shares)."""
     hints = typing.get_type_hints(cls)
     lines = []
     pad = "  " * indent
     lead = "# " if comment_out else ""
-    for f in dataclasses.fields(cls):
+    for f in _own_fields_first(cls):
         if only is not None and f.name not in only:
             continue
         value = values.get(f.name, _default(f))
@@ -231,6 +256,13 @@ def commented_yaml(cls: type, values: dict[str, Any], indent: int = 0, comment_o
             continue
         lines.append(_with_comment(f"{pad}{lead}{f.name}: {scalar_yaml(value)}", help_text))
     return lines
+
+
+def _own_fields_first(cls: type) -> list[dataclasses.Field]:
+    own = list(cls.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return sorted((f for f in fields if f.name in own), key=lambda f: own.index(f.name)) + \
+        [f for f in fields if f.name not in own]
 
 
 def scalar_yaml(value: Any) -> str:

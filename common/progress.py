@@ -2,7 +2,7 @@
 
     with Progress(total=len(shards), desc="filter", unit="shard", enabled=args.progress) as bar:
         for result in results:
-            bar.update(1, kept=f"{kept:,}")       # fields are shown after the count
+            bar.update(1, kept=f"{kept:,}")       # fields are shown after the count (None: not any more)
         bar.note("calibration: reusing the thresholds")   # a line above the bar
         bar.warn_once("small-domain", "...")      # printed the first time only
 
@@ -48,7 +48,7 @@ class Progress:
         self._warned: set[str] = set()
         self._start = self._last_line = time.monotonic()
         self._last_tenth = 0
-        self._printed_n: int | None = None       # the count the last plain line showed
+        self._printed: tuple[int, dict] | None = None    # the count and fields the last plain line showed
         is_tty = self.stream.isatty() if terminal is None else terminal
         self._bar = None
         if enabled and is_tty:
@@ -60,9 +60,12 @@ class Progress:
 
     # ------------------------------------------------------------------------------------ counts
     def update(self, n: int = 1, **fields: Any) -> None:
-        """`n` more items done; `fields` (loss=..., tokens_per_s=...) replace the shown ones."""
+        """`n` more items done; `fields` (loss=..., tokens_per_s=...) replace the shown ones, and a
+        field given None is no longer shown."""
         self.n += n
         self.fields.update(fields)
+        for k in [k for k, v in fields.items() if v is None]:
+            del self.fields[k]
         if not self.enabled:
             return
         if self._bar is not None:
@@ -70,9 +73,12 @@ class Progress:
                 self._bar.set_postfix({k: _short(v) for k, v in self.fields.items()}, refresh=False)
             self._bar.update(n)
             return
+        due = time.monotonic() - self._last_line >= self.every_s
         if self.total and self.n >= self.total:
+            if due and not n:       # work after the last item (a final evaluation) still shows
+                self._line()
             return                  # the closing line says "done"
-        if time.monotonic() - self._last_line >= self.every_s or self._tenth() > self._last_tenth:
+        if due or self._tenth() > self._last_tenth:
             self._line()
 
     def set_fields(self, **fields: Any) -> None:
@@ -106,8 +112,10 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.enabled and self.n != self._printed_n:
-            self._line("done" if self.total is None or self.n >= self.total else "stopped")
+        elif self.enabled:
+            state = "done" if self.total is None or self.n >= self.total else "stopped"
+            if state == "done" or self._printed != (self.n, self.fields):    # a stop repeats no line
+                self._line(state)
         self.enabled = False
 
     def __enter__(self) -> "Progress":
@@ -135,7 +143,7 @@ class Progress:
         print(", ".join(parts), file=self.stream, flush=True)
         self._last_line = now
         self._last_tenth = self._tenth()
-        self._printed_n = self.n
+        self._printed = (self.n, dict(self.fields))
 
     def _tenth(self) -> int:
         """How many tenths of the total are done (0 without a total)."""

@@ -15,11 +15,15 @@ from pathlib import Path
 from filters.classifier import ClassifierFilter
 
 
+#: its score column, one DESIGN.md requires in every filter output (null where not scored)
+COLUMN = "ad_score"
+
+
 class AdFilter(ClassifierFilter):
     task = "ads"
 
     def __init__(self, model: str | Path, threshold: float = 0.5, thresholds: Mapping[str, float] | None = None,
                  domains: Sequence[str] | None = None, calibrated: bool = True) -> None:
         super().__init__("ads", model, label="ad", threshold=threshold, thresholds=thresholds, keep_if="low",
-                         domains=domains, prepare="normalize", column="ad_score", calibrated=calibrated,
+                         domains=domains, prepare="normalize", column=COLUMN, calibrated=calibrated,
                          what="ads model")

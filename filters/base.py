@@ -11,11 +11,10 @@ and writes `reason` for the ones a filter rejects.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
-
 
 
 @dataclass
@@ -81,6 +80,38 @@ class LengthFilter(DocumentFilter):
         return {"reason": self.reason, "min_chars": self.min_chars, "min_words": self.min_words}
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One threshold of a model filter, as the filter describes it: what calibration's summary,
+    the over-removal check after a run and `curate inspect` show, none of them knowing the filter."""
+    name: str                      # its name in the config's `calibrated` records: ads, dclm, disfluency, ...
+    column: str                    # the score column it cuts
+    removes: str                   # ">=", ">" or "<": the scores it removes, against the threshold
+    thresholds: dict[str, float]   # per domain
+    default: float | None          # the other domains' threshold (None: no limit there)
+    reasons: tuple[str, ...]       # the reasons its removals are written with
+    what: str                      # the score in words, e.g. "p(ad)", "perplexity"
+    log: bool = False              # its scores span orders of magnitude: histograms of log10
+
+    def threshold(self, domain: str) -> float | None:
+        return self.thresholds.get(domain, self.default)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reasons": list(self.reasons)}
+
+
+def split_default(value: float | Mapping[str, float] | None,
+                  overrides: Mapping[str, float] | None = None) -> tuple[dict[str, float], float | None]:
+    """({domain: threshold}, default) of a per-domain setting: one number (the default), or a
+    mapping whose `default` key holds the default; `overrides` take precedence per domain."""
+    if isinstance(value, Mapping):
+        by_domain, default = {k: float(v) for k, v in value.items() if k != "default"}, value.get("default")
+    else:
+        by_domain, default = {}, value
+    by_domain.update({k: float(v) for k, v in (overrides or {}).items()})
+    return by_domain, None if default is None else float(default)
+
+
 class ModelFilter(DocumentFilter):
     """A filter whose models score documents and whose thresholds decide, in two steps:
 
@@ -88,7 +119,8 @@ class ModelFilter(DocumentFilter):
         reasons = f.decide(scores, domains)       # object array: a reason per removed text, None = kept
 
     Calibration (`curate filter`'s drop_fraction) needs the scores without the decision, and the
-    decision on scores computed elsewhere; `filter` is the two together."""
+    decision on scores computed elsewhere; `filter` is the two together. `rules()` describes its
+    thresholds, and the run manifest records them (`describe()["rules"]`)."""
 
     @abstractmethod
     def score(self, texts: Sequence[str], domains: Sequence[str]) -> dict[str, np.ndarray]:
@@ -98,11 +130,27 @@ class ModelFilter(DocumentFilter):
     def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:
         """Per document, the reason it is removed, or None when it is kept."""
 
+    @abstractmethod
+    def rules(self) -> list[Rule]:
+        """Its thresholds, one Rule per score column it cuts, in the order `decide` applies them."""
+
+    @abstractmethod
+    def details(self) -> dict:
+        """Settings and model hashes (keys ending in `sha256`) for the run manifest."""
+
+    def describe(self) -> dict:
+        return {"reason": self.reason, **self.details(), "rules": [r.to_dict() for r in self.rules()]}
+
     def filter(self, texts: Sequence[str], domains: Sequence[str]) -> FilterResult:
         scores = self.score(texts, domains)
         reasons = np.asarray(self.decide(scores, domains), dtype=object)
         keep = np.fromiter((r is None for r in reasons), dtype=bool, count=len(reasons))
         return FilterResult(keep=keep, scores=scores, reasons=reasons)
+
+
+def side(keep_if: str) -> str:
+    """The scores a keep_if rule removes: "low" keeps low scores (removes >= threshold), "high" keeps high ones."""
+    return "<" if keep_if == "high" else ">="
 
 
 def reasons_where(remove: np.ndarray, reason: str) -> np.ndarray:
@@ -169,10 +217,15 @@ the project names it."""
                               "(`curate filter` calibrates them on a sample of the input first)")
         return reasons_where(self.removes(scores[self.column], domains), self.reason)
 
-    def describe(self) -> dict:
+    def rules(self) -> list[Rule]:
+        thresholds, default = split_default(self.settings["threshold"], self.settings.get("thresholds"))
+        return [Rule(self.section, self.column, side(self.keep_if), thresholds, default, (self.reason,),
+                     f"{self.section} score")]
+
+    def details(self) -> dict:
         from common.files import file_sha256
 
-        d = {"reason": self.reason, "column": self.column, "keep_if": self.keep_if,
+        d = {"column": self.column, "keep_if": self.keep_if,
              **{k: v for k, v in self.settings.items() if k not in ("calibrated",)}}
         for key, path in self.paths.items():
             d[key] = str(path)

@@ -25,7 +25,7 @@ import numpy as np
 
 from common.errors import CurateError
 from common.files import file_sha256
-from filters.base import ModelFilter, reasons_where
+from filters.base import ModelFilter, Rule, reasons_where, side, split_default
 from filters.calibrate import in_domains, per_domain, removes_side
 from filters.fasttext_model import label_probability, load_classifier
 from filters.normalize import normalize_texts
@@ -92,8 +92,13 @@ class ClassifierFilter(ModelFilter):
                               "(`curate filter` calibrates them on a sample of the input first)")
         return reasons_where(self.removes(scores[self.column], domains), self.reason)
 
-    def describe(self) -> dict:
-        return {"reason": self.reason, "model": str(self.model_path),
+    def rules(self) -> list[Rule]:
+        thresholds, default = split_default(self.threshold, self.thresholds)
+        return [Rule(self.name, self.column, side(self.keep_if), thresholds, default, (self.reason,),
+                     f"p({self.label})")]
+
+    def details(self) -> dict:
+        return {"model": str(self.model_path),
                 "model_sha256": file_sha256(self.model_path, self.what), "label": self.label,
                 "keep_if": self.keep_if, "prepare": self.prepare, "column": self.column,
                 "threshold": self.threshold, "thresholds": self.thresholds, "domains": self.domains}

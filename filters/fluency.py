@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import file_sha256
-from filters.base import ModelFilter
+from filters.base import ModelFilter, Rule, split_default
 from filters.ccnet import PieceScorer, sentences_perplexity
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
@@ -66,6 +66,8 @@ def perplexities(model, texts: Sequence[str]) -> np.ndarray:
 
 
 PERPLEXITY, FLUENCY, BOTH = "disfluency:perplexity", "disfluency:fluency", "disfluency:both"
+#: the KenLM score column, one DESIGN.md requires in every filter output (null where not scored)
+PERPLEXITY_COLUMN = "perplexity"
 
 
 class DisfluencyFilter(ModelFilter):
@@ -93,7 +95,7 @@ class DisfluencyFilter(ModelFilter):
         self.reasons = ((BOTH,) if combine == "both" and kenlm is not None and fluency_model is not None else
                         (((FLUENCY,) if fluency_model is not None else ()) +
                          ((PERPLEXITY,) if kenlm is not None else ())))
-        self.columns = (("perplexity",) if kenlm is not None else ()) + \
+        self.columns = ((PERPLEXITY_COLUMN,) if kenlm is not None else ()) + \
                        (("disfluency_score",) if fluency_model is not None else ())
         self._lm = None
         self._sp = None
@@ -118,7 +120,7 @@ class DisfluencyFilter(ModelFilter):
         if not chosen:
             return out
         if self._lm is not None:
-            out["perplexity"][idx] = (perplexities(self._lm, chosen) if self._sp is None else
+            out[PERPLEXITY_COLUMN][idx] = (perplexities(self._lm, chosen) if self._sp is None else
                                       PieceScorer(self._lm, self._sp, self.perplexity_mode).perplexities(chosen))
         if self._clf is not None:
             out["disfluency_score"][idx] = label_probability(self._clf, normalize_texts(chosen), "disfluent")
@@ -130,7 +132,7 @@ class DisfluencyFilter(ModelFilter):
                               "(`curate filter` calibrates it on a sample of the input first)")
         n = len(domains)
         by_ppl = np.zeros(n, bool) if self.kenlm_path is None else \
-            removes(scores["perplexity"], per_domain(domains, self.max_perplexity), inclusive=False)
+            removes(scores[PERPLEXITY_COLUMN], per_domain(domains, self.max_perplexity), inclusive=False)
         by_fluency = np.zeros(n, bool) if self.fluency_path is None else \
             removes(scores["disfluency_score"], per_domain(domains, self.fluency_threshold), inclusive=True)
         out = np.full(n, None, dtype=object)
@@ -149,8 +151,21 @@ class DisfluencyFilter(ModelFilter):
             return "cc_net normaliser per line, SentencePiece pieces per line (edugp / datatrove KenlmModel)"
         return "cc_net normaliser over the document, SentencePiece pieces (cc_net/mine.py)"
 
-    def describe(self) -> dict:
-        d: dict = {"reason": self.reason, "reasons": list(self.reasons), "domains": self.domains}
+    def rules(self) -> list[Rule]:
+        """The fluency classifier's threshold (named `disfluency.fluency` beside a KenLM model, whose
+        cut is `disfluency`), in the order `decide` gives their reasons precedence."""
+        out = []
+        if self.fluency_path is not None:
+            name = "disfluency" if self.kenlm_path is None else "disfluency.fluency"
+            out.append(Rule(name, "disfluency_score", ">=", *split_default(self.fluency_threshold),
+                            (BOTH,) if self.reasons == (BOTH,) else (FLUENCY,), "p(disfluent)"))
+        if self.kenlm_path is not None:
+            out.append(Rule("disfluency", PERPLEXITY_COLUMN, ">", *split_default(self.max_perplexity),
+                            (BOTH,) if self.reasons == (BOTH,) else (PERPLEXITY,), "perplexity", log=True))
+        return out
+
+    def details(self) -> dict:
+        d: dict = {"reasons": list(self.reasons), "domains": self.domains}
         if self.kenlm_path is not None:
             d.update(kenlm=str(self.kenlm_path), kenlm_sha256=file_sha256(self.kenlm_path, "KenLM model"),
                      max_perplexity=self.max_perplexity, tokenisation=self.tokenisation())

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.base import ModelFilter
-from filters.config import (FilterConfig, calibrate_config, calibration_records, parse_filter_config,
-                            plugin_classes, small_samples)
+from filters.base import ModelFilter, Rule
+from filters.config import (FilterConfig, build_filters, calibrate_config, calibration_records, parse_filter_config,
+                            small_samples)
 from common.errors import CurateError
 from common.progress import Progress
 from pipeline.domains import DatasetManifest
@@ -88,36 +88,25 @@ def _cache_key(run_key: str, picked: list[Shard], per_shard: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _rule(cfg: FilterConfig, name: str) -> tuple[str, object, object]:
-    """(what the thresholds remove, per-domain thresholds, their default) of a calibrated rule."""
-    if name == "ads":
-        return "p(ad) >=", cfg.ads.thresholds, cfg.ads.threshold
-    d = cfg.disfluency
-    if name == "disfluency.fluency" or (name == "disfluency" and not d.kenlm):
-        return "p(disfluent) >=", d.fluency_threshold, None
-    if name == "disfluency":
-        return "perplexity >", d.max_perplexity, None
-    if name in cfg.extra:
-        x = cfg.extra[name]
-        keep_if = next(c.keep_if for c in plugin_classes(cfg) if c.section == name)
-        return f"{name} score " + ("<" if keep_if == "high" else ">="), x["thresholds"], x["threshold"]
-    c = next(c for c in cfg.classifiers if c.name == name)
-    return (f"p({c.label}) " + ("<" if c.keep_if == "high" else ">=")), c.thresholds, c.threshold
+def rules_by_name(cfg: FilterConfig) -> dict[str, Rule]:
+    """Every threshold of the chain, by its name in the `calibrated` records, as the filters describe it."""
+    return {r.name: r for f in build_filters(cfg) if isinstance(f, ModelFilter) for r in f.rules()}
 
 
 def _summary(after: FilterConfig) -> str:
     lines = []
+    rules = rules_by_name(after)
     for name, rec in calibration_records(after):
-        what, value, default = _rule(after, name)
-        value = value if isinstance(value, dict) else {"default": value}
+        rule = rules[name]
         parts = []
-        for d, t in sorted(value.items()):
+        for d, t in sorted(rule.thresholds.items()):
             n = rec["sample_docs"].get(d)
             share = f" drops {rec['sample_removed'][d]}/{n}" if n else ""
             parts.append(f"{d} {t:.6g}{share}")
-        if default is not None and not isinstance(rec["drop_fraction"], dict):
-            parts.append(f"other domains {default:.6g}")
-        lines.append(f"calibrated {name} (drop_fraction {rec['drop_fraction']}), removes {what}: " + ", ".join(parts))
+        if rule.default is not None and not isinstance(rec["drop_fraction"], dict):
+            parts.append(f"other domains {rule.default:.6g}")
+        lines.append(f"calibrated {name} (drop_fraction {rec['drop_fraction']}), removes {rule.what} {rule.removes}: "
+                     + ", ".join(parts))
     return "\n".join(lines + small_samples(after))
 
 
@@ -177,36 +166,21 @@ def resolve(cfg: FilterConfig, shards: list[Shard], dataset: DatasetManifest, cl
     return resolved
 
 
-def _rule_reasons(cfg: FilterConfig, name: str) -> list[str]:
-    from filters.fluency import BOTH, FLUENCY, PERPLEXITY
-
-    if name == "disfluency.fluency":
-        return [FLUENCY]
-    if name == "disfluency":
-        d = cfg.disfluency
-        if not d.kenlm:
-            return [FLUENCY]
-        return [BOTH] if d.combine == "both" and d.fluency_model else [PERPLEXITY]
-    return [name]
-
-
 def overshoot(cfg: FilterConfig, totals: dict) -> list[str]:
     """After a run: warnings for every domain a calibrated rule removed far more of (over twice its
     drop fraction, and 5 points more) than asked, as when the run's data differs from the sample.
     A rule's share is of the documents reaching it, as its drop fraction is."""
-    from filters.fluency import BOTH, FLUENCY, PERPLEXITY
-
-    # every model rule's reasons in chain order, calibrated or not: each sees what the earlier ones keep
-    order = ["ads", *(c.name for c in cfg.classifiers), FLUENCY, PERPLEXITY, BOTH, *cfg.extra]
+    # every reason in chain order, calibrated or not: each rule sees what the earlier ones keep
+    order = [r for f in build_filters(cfg) for r in f.all_reasons()]
+    rules = rules_by_name(cfg)
     out = []
     for d, c in sorted(totals.get("by_domain", {}).items()):
-        start = c["docs_in"] - c["malformed"] - c["removed"].get("length", 0)
         for name, rec in calibration_records(cfg):
             fraction = rec["drop_fraction"]
             f = fraction.get(d) if isinstance(fraction, dict) else fraction
-            reasons = _rule_reasons(cfg, name)
+            reasons = rules[name].reasons
             first = min(order.index(r) for r in reasons)
-            reach = start - sum(c["removed"].get(r, 0) for r in order[:first])
+            reach = c["docs_in"] - c["malformed"] - sum(c["removed"].get(r, 0) for r in order[:first])
             removed = sum(c["removed"].get(r, 0) for r in reasons)
             if f is not None and reach > 0 and removed / reach > max(2 * f, f + 0.05):
                 out.append(f"warning: {name} removed {removed} of {reach} {d} documents ({removed / reach:.0%}) "

@@ -17,7 +17,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from filters.config import FilterConfig, build_filters, load_filter_config
+from common.config import add_print_config_argument
+from filters.config import FilterConfig, build_filters, commented_config, load_filter_config
 from common.errors import CurateError
 from common.progress import Progress, add_progress_argument
 from common.files import temporary_path
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "local or any fsspec URL")
     p.add_argument("--out", required=True, help="output directory (local, or shared by all workers of a remote cluster)")
     p.add_argument("--config", help="filter config YAML (default: the length filter only)")
+    add_print_config_argument(p, commented_config, "filter config")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes (default: 1)")
     where.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")

@@ -9,7 +9,7 @@ Importable pieces (the job page of `curate serve` uses them):
 
     histograms(out_dir, bins=30) -> {"columns": [...], "domains": {domain: {column: {
         "edges": [...bins + 1 floats], "kept": [...bins ints], "removed": [...bins ints],
-        "log": bool (edges are log10 of the score, for perplexity), "threshold": float | None,
+        "log": bool (edges are log10 of the score, when its rule says so: perplexity), "threshold": float | None,
         "removes": ">=" | ">" | "<" (which side of the threshold is removed)}}}}
     samples(out_dir, n=5, domain=None, reason=None) -> {domain: {reason or "kept": [{"id", "text",
         <score columns>}]}}           (at most n per group, a deterministic sample)
@@ -91,45 +91,23 @@ def scores_table(out_dir: Path, columns: list[str], with_text: bool = False, m: 
     return pd.concat(frames, ignore_index=True)
 
 
-def _rules(m: dict) -> dict[str, tuple[object, object, str]]:
-    """score column -> (per-domain thresholds or one number, default, the side removed)."""
-    cfg = m.get("config") or {}
-    out: dict[str, tuple[object, object, str]] = {}
-    ads = cfg.get("ads")
-    if ads:
-        out["ad_score"] = (ads.get("thresholds") or {}, ads.get("threshold"), ">=")
-    for c in cfg.get("classifiers") or []:
-        out[f"{c['name']}_score"] = (c.get("thresholds") or {}, c.get("threshold"),
-                                     "<" if c.get("keep_if") == "high" else ">=")
-    dis = cfg.get("disfluency")
-    if dis:
-        if dis.get("kenlm"):
-            out["perplexity"] = (dis.get("max_perplexity"), None, ">")
-        if dis.get("fluency_model"):
-            out["disfluency_score"] = (dis.get("fluency_threshold"), None, ">=")
-    for f in m.get("filters", []):         # plugin filters describe their column and side
-        if f.get("column") and f["column"] not in out and "threshold" in f:
-            out[f["column"]] = (f.get("thresholds") or {}, f.get("threshold"),
-                                "<" if f.get("keep_if") == "high" else ">=")
-    return out
+def rules(m: dict) -> dict[str, dict]:
+    """score column -> the rule the run applied to it, as its filter described it in the manifest
+    (`filters[].rules`: thresholds per domain, default, the side `removes`)."""
+    return {r["column"]: r for f in m.get("filters", []) for r in f.get("rules", ())}
 
 
-def threshold(m: dict, column: str, domain: str) -> tuple[float | None, str]:
-    """The threshold the run applied to `column` in `domain` (None: no limit there), and the side removed."""
-    rule = _rules(m).get(column)
+def threshold(rule: dict | None, domain: str) -> tuple[float | None, str]:
+    """The threshold `rule` (one of `rules(m)`) applied in `domain` (None: no limit there), and the side removed."""
     if rule is None:
         return None, ">="
-    value, default, side = rule
-    if isinstance(value, dict):
-        t = value.get(domain, value.get("default", default))
-    else:
-        t = value if value is not None else default
-    return (None if t is None else float(t)), side
+    t = rule["thresholds"].get(domain, rule["default"])
+    return (None if t is None else float(t)), rule["removes"]
 
 
 def score_columns(m: dict) -> list[str]:
     """The score columns that hold values in this run (the chain's), in manifest order."""
-    ruled = _rules(m)
+    ruled = rules(m)
     return [c for c in m.get("columns", []) if c in ruled]
 
 
@@ -138,6 +116,7 @@ def histograms(out_dir: str | Path, bins: int = 30) -> dict:
     out_dir = Path(out_dir)
     m = manifest(out_dir)
     columns = score_columns(m)
+    ruled = rules(m)
     table = scores_table(out_dir, columns, m=m)
     result: dict = {"columns": columns, "domains": {}}
     for domain in sorted(table["domain"].unique()) if len(table) else []:
@@ -148,9 +127,9 @@ def histograms(out_dir: str | Path, bins: int = 30) -> dict:
             ok = ~np.isnan(x)
             if not ok.any():
                 continue
-            log = col == "perplexity"
+            log = ruled[col]["log"]
             v = np.log10(np.maximum(x[ok], 1e-12)) if log else x[ok]
-            t, side = threshold(m, col, domain)
+            t, side = threshold(ruled.get(col), domain)
             lo, hi = float(v.min()), float(v.max())
             if t is not None:
                 tv = math.log10(max(t, 1e-12)) if log else t

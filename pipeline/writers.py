@@ -26,9 +26,8 @@ import pyarrow.parquet as pq
 
 from common.errors import CurateError
 from common.files import TMP_SUFFIX, is_temporary, temporary_path
+from filters.config import REQUIRED_SCORES    # score columns every output has, filled or not
 
-#: score columns every output has, whether or not the chain fills them (null when not scored)
-REQUIRED_SCORES = ("ad_score", "perplexity")
 ROW_GROUP_ROWS = 4096
 # Text buffered across all files of a shard before the largest buffer is flushed as a row group.
 # One budget for the shard (not one per file) keeps memory flat however many domains it mixes.

@@ -69,3 +69,35 @@ def test_commented_yaml_reads_back_and_shows_optional_blocks():
     assert yaml.safe_load(text) == {"rate": 1e-4, "every": 10, "name": "auto", "pair": [0.9, 0.95],
                                     "inner": None, "flag": False}
     assert "# tokens between updates" in text and "#   size: 4" in text.replace("  # ", "#   ")
+
+
+@dataclass(kw_only=True)
+class Shared:
+    threshold: float = setting(0.5, "shared by every section below")
+
+
+@dataclass(kw_only=True)
+class Derived(Shared):
+    model: str = setting(help="a model file")
+
+
+def test_a_missing_required_key_is_named_with_its_help_and_own_keys_print_first():
+    with pytest.raises(CurateError, match=r"^model is required \(a model file\)$"):
+        build(Derived, {"threshold": 0.1}, "")          # "" : a file's top level, keys without a prefix
+    with pytest.raises(CurateError, match=r"^unknown key modle "):
+        build(Derived, {"modle": "m.bin"}, "")
+    lines = commented_yaml(Derived, {"model": "m.bin"})
+    assert [line.split(":")[0] for line in lines] == ["model", "threshold"]     # its own key before the shared
+
+
+def test_print_config_argument_prints_and_exits_before_required_arguments(capsys):
+    import argparse
+
+    from common.config import add_print_config_argument
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    add_print_config_argument(p, lambda: "a: 1\n", "thing config")
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--print-config"])
+    assert e.value.code == 0 and capsys.readouterr().out == "a: 1\n"

@@ -57,3 +57,15 @@ def test_warn_once_and_no_progress():
 def test_format_seconds():
     assert (format_seconds(5), format_seconds(65), format_seconds(3725), format_seconds(None)) == \
         ("0:05", "1:05", "1:02:05", "?")
+
+
+def test_a_field_set_to_none_is_cleared_and_a_finished_display_says_done():
+    log = io.StringIO()
+    bar = Progress(2, "train", unit="step", stream=log, every_s=0.0)
+    bar.update(2, loss=1.5)
+    bar.set_fields(eval="3/6 batches")      # work after the last step still shows
+    bar.set_fields(eval=None)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "eval 3/6 batches" in lines[-3] and lines[-2].endswith("loss 1.5")
+    assert lines[-1].endswith("loss 1.5, done")

@@ -75,6 +75,11 @@ def test_single_file_filter_runs_through_filter_calibration_and_manifest(plugin_
 
     shown = run_cli("manifest", out).stdout
     assert "removed: caps" in shown
+    # `curate inspect` draws the thresholds the filter described in the manifest
+    from pipeline.inspect import histograms
+    h = histograms(out)["domains"]
+    assert h["C4"]["caps_score"]["threshold"] == pytest.approx(m["config"]["caps"]["thresholds"]["C4"])
+    assert h["ArXiv"]["caps_score"]["threshold"] is None and h["C4"]["caps_score"]["removes"] == ">="
     again = run_cli("filter", sample_dir / "train", "--out", out, "--config", config, "--workers", "1",
                     "--no-progress")
     assert "reusing the thresholds" in again.stderr

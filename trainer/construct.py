@@ -489,6 +489,12 @@ def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: in
     return seqs
 
 
+def convert_steps(method: str, gate_init: str) -> list[str]:
+    """The steps `convert_dense` reports to its progress display, in order."""
+    calibrated = method.startswith("sharing") or gate_init == "fitted"
+    return ["load", *(["calibration"] if calibrated else []), "experts", *(["routers"] if gate_init == "fitted" else [])]
+
+
 def load_dense(dense: str | Path, seed: int = 0) -> tuple[LlamaMoE, ModelConfig]:
     """The dense LLaMA at `dense` (any form `load_model` takes), in float32 on the CPU."""
     from trainer.checkpoint_io import load_model
@@ -503,15 +509,21 @@ def load_dense(dense: str | Path, seed: int = 0) -> tuple[LlamaMoE, ModelConfig]
 
 
 def convert_dense(dense: str | Path, s: ConvertConfig, log: Callable[[str], None] = print,
-                  model: LlamaMoE | None = None) -> tuple[LlamaMoE, ModelConfig]:
+                  model: LlamaMoE | None = None, progress=None) -> tuple[LlamaMoE, ModelConfig]:
     """Build the MoE from the dense LLaMA at `dense` (or from `model`, already loaded from there): the core
-    of `curate convert`, also used by `curate train` to convert on the fly."""
+    of `curate convert`, also used by `curate train` to convert on the fly. `progress` (a
+    common.progress.Progress over `convert_steps`) advances once per step done."""
+    def done(step: str) -> None:
+        if progress is not None:
+            progress.update(1, finished=step)
+
     s.check()
     if model is None:
         model, _ = load_dense(dense, s.seed)
     cfg = model.cfg
     log(f"dense model {dense}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
         f"vocab {cfg.vocab_size}")
+    done("load")
     calib = note = None
     method, gate_init = s.method, s.gate_init
     if method.startswith("sharing") or gate_init == "fitted":
@@ -524,10 +536,13 @@ def convert_dense(dense: str | Path, s: ConvertConfig, log: Callable[[str], None
         else:
             calib, note = calibration_tokens(s.calib_data, dense, cfg, n, T, s.seed)
             log(f"calibration: {note}")
+        done("calibration")
     elif s.calib_data is not None:
         log(f"note: --calib-data is not used by {method}")
     moe, moe_cfg = build_moe(model, s, calib if method.startswith("sharing") else None, note, log)
+    done("experts")
     if gate_init == "fitted":
         fit_routers(model, moe, calib, log=log)
         moe_cfg.moe.calibration = note
+        done("routers")
     return moe, moe_cfg

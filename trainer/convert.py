@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from common.errors import CurateError
-from trainer.construct import METHODS, ConvertConfig
+from common.progress import Progress, add_progress_argument
+from trainer.construct import METHODS, ConvertConfig, convert_steps
 from trainer.moe import GATE_INITS, GATES
 
 
@@ -65,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-len", type=int, default=512, metavar="T",
                    help="with --tokens: tokens per held-out sequence, at most the model's context (default: 512)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights (default: float32)")
+    add_progress_argument(p)
 
 
 def settings(args: argparse.Namespace) -> ConvertConfig:
@@ -100,21 +102,27 @@ def run(args: argparse.Namespace) -> int:
         check_tokens(args.tokens, args.dense, tok_sha)
 
     t0 = time.time()
-    dense, _ = load_dense(args.dense, s.seed)
-    model, cfg = convert_dense(args.dense, s, model=dense)
-    tokenizer = load_tokenizer(args.dense)
-    record = {"conversion": {
-        "dense": str(Path(args.dense).resolve()),
-        "tokenizer_vocab_sha256": tok_sha,      # `curate train` compares it with the tokens'
-        "command": "curate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-    }}
-    if args.tokens is not None:
-        record["conversion"]["heldout"] = heldout_report(dense, model, args.tokens, args.eval_seqs, args.eval_len)
-    if args.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    save_model(model, cfg, out, extra=record, tokenizer=tokenizer)
+    # conversion's steps, then the held-out comparison (with --tokens) and writing the model
+    steps = len(convert_steps(s.method, s.gate_init)) + 1 + (args.tokens is not None)
+    with Progress(steps, "convert", unit="step", enabled=args.progress) as bar:
+        say = lambda text: bar.note(text, file=sys.stdout)  # noqa: E731  (messages go above the bar)
+        dense, _ = load_dense(args.dense, s.seed)
+        model, cfg = convert_dense(args.dense, s, log=say, model=dense, progress=bar)
+        tokenizer = load_tokenizer(args.dense)
+        record = {"conversion": {
+            "dense": str(Path(args.dense).resolve()),
+            "tokenizer_vocab_sha256": tok_sha,      # `curate train` compares it with the tokens'
+            "command": "curate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+        }}
+        if args.tokens is not None:
+            record["conversion"]["heldout"] = heldout_report(dense, model, args.tokens, args.eval_seqs, args.eval_len, say)
+            bar.update(1, finished="held-out loss")
+        if args.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        save_model(model, cfg, out, extra=record, tokenizer=tokenizer)
+        bar.update(1, finished="write")
     print(f"wrote {out} ({'with' if tokenizer is not None else 'no'} tokenizer) in {time.time() - t0:.1f}s")
     return 0
 
@@ -132,7 +140,7 @@ def check_tokens(tokdir: str, dense: str, dense_sha: str | None) -> None:
                           f"model's own: curate tokenize DIR --tokenizer {dense} --out TOKDIR")
 
 
-def heldout_report(dense, moe, tokdir: str, seqs_per_domain: int, seq_len: int) -> dict:
+def heldout_report(dense, moe, tokdir: str, seqs_per_domain: int, seq_len: int, say=print) -> dict:
     """The dense and the converted model's held-out loss per domain (CPU, float32, no gate noise), printed as
     a table and returned for the MoE's config: how much the conversion lost before any training."""
     import torch
@@ -159,14 +167,14 @@ def heldout_report(dense, moe, tokdir: str, seqs_per_domain: int, seq_len: int) 
     after, _ = evaluate_domains(moe, seqs, **kw)
     n = sum(len(v) for v in seqs.values()) * T
     width = max(len(d) for d in seqs) + 2
-    print(f"held-out loss, {len(seqs)} domains x up to {seqs_per_domain} sequences of {T} tokens ({n:,} tokens, "
+    say(f"held-out loss, {len(seqs)} domains x up to {seqs_per_domain} sequences of {T} tokens ({n:,} tokens, "
           f"{time.time() - t0:.0f}s):")
-    print(f"  {'domain':<{width}}{'dense':>8}{'converted':>11}{'gap':>8}")
+    say(f"  {'domain':<{width}}{'dense':>8}{'converted':>11}{'gap':>8}")
     for d in seqs:
-        print(f"  {d:<{width}}{before[d]:>8.3f}{after[d]:>11.3f}{after[d] - before[d]:>+8.3f}")
+        say(f"  {d:<{width}}{before[d]:>8.3f}{after[d]:>11.3f}{after[d] - before[d]:>+8.3f}")
     mean_b, mean_a = sum(before.values()) / len(before), sum(after.values()) / len(after)
-    print(f"  {'mean':<{width}}{mean_b:>8.3f}{mean_a:>11.3f}{mean_a - mean_b:>+8.3f}")
+    say(f"  {'mean':<{width}}{mean_b:>8.3f}{mean_a:>11.3f}{mean_a - mean_b:>+8.3f}")
     if skipped:
-        print(f"  (no held-out sequence of {T + 1} tokens in {', '.join(skipped)})")
+        say(f"  (no held-out sequence of {T + 1} tokens in {', '.join(skipped)})")
     return {"tokens": str(Path(tokdir).resolve()), "seq_len": T, "sequences_per_domain": seqs_per_domain,
             "dense": before, "converted": after, "dense_mean": mean_b, "converted_mean": mean_a}

@@ -7,6 +7,7 @@ size. Under FSDP2 every forward is a collective, so ranks with fewer batches run
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,19 +18,24 @@ from trainer.distributed import DistContext, all_reduce_sum
 @torch.no_grad()
 def evaluate_domains(model: nn.Module, sequences: dict[str, torch.Tensor], *, batch_size: int,
                      max_batches: int, ctx: DistContext, autocast,
-                     moe_layers: dict | None = None) -> tuple[dict[str, float], dict[int, list[float]]]:
+                     moe_layers: dict | None = None,
+                     on_batch: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], dict[int, list[float]]]:
     """Mean next-token loss per domain over the first `max_batches` batches of its held-out
     sequences ([N, seq_len + 1] token ids each; domains without held-out data are left out), and, for
     the MoE layers in `moe_layers` ({layer: MoELayer}), the fraction of the routed assignments each
-    expert received on those batches (summed over ranks; gate noise is off in eval)."""
+    expert received on those batches (summed over ranks; gate noise is off in eval). `on_batch(done,
+    total)` is called after each of this rank's batches (a progress display)."""
     was_training = model.training
     model.eval()                        # no gate noise
     sums = torch.zeros(len(sequences), 2, dtype=torch.float64, device=ctx.device)   # loss * tokens, tokens
     layers = list(moe_layers or {})
     counts = None
+    rank_batches = [math.ceil(min(max_batches, math.ceil(len(s) / batch_size)) / ctx.world_size)
+                    for s in sequences.values()]
+    done = 0
     for i, seqs in enumerate(sequences.values()):
         n_batches = min(max_batches, math.ceil(len(seqs) / batch_size))
-        for k in range(math.ceil(n_batches / ctx.world_size)):
+        for k in range(rank_batches[i]):
             b = k * ctx.world_size + ctx.rank
             weight = 1.0 if b < n_batches else 0.0
             batch = seqs[(b if weight else 0) * batch_size:][:batch_size].to(ctx.device, non_blocking=True)
@@ -41,6 +47,9 @@ def evaluate_domains(model: nn.Module, sequences: dict[str, torch.Tensor], *, ba
             if layers:
                 c = torch.stack([moe_layers[layer].last_counts.double() for layer in layers]) * weight
                 counts = c if counts is None else counts + c
+            done += 1
+            if on_batch is not None:
+                on_batch(done, sum(rank_batches))
     sums = all_reduce_sum(sums, ctx)
     load = {}
     if counts is not None:

@@ -89,6 +89,12 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(steps)
 
+    def working(self, **fields) -> None:
+        """Show on the progress display what a long step between optimizer steps is doing
+        (eval="3/28 batches"); a field given None is cleared."""
+        if self.bar is not None:
+            self.bar.set_fields(**fields)
+
     def message(self, text: str) -> None:
         if self.bar is not None:
             self.bar.note(text, file=sys.stdout)     # above the bar when there is one

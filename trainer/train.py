@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from common.errors import CurateError
 from common.files import write_atomic
 from trainer import checkpoint as ckpt
 from common.config import apply_overrides, parse_assignment
-from common.progress import add_progress_argument
+from common.progress import Progress, add_progress_argument
 from trainer.config import (PRESETS, TrainConfig, commented_config, load_train_config, preset_sections,
                             sampler_config, save_config)
 from trainer.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
@@ -145,9 +146,13 @@ class Trainer:
             return load_model(checkpoint, device="cpu", dtype=torch.float32)
         if m.path is not None:
             return load_model(m.path, device="cpu", dtype=torch.float32)
-        from trainer.construct import convert_dense
-        log = print if self.ctx.is_main else (lambda _: None)
-        return convert_dense(m.dense, m.convert, log=log)
+        from trainer.construct import convert_dense, convert_steps
+        c = m.convert
+        main = self.ctx.is_main
+        with Progress(len(convert_steps(c.method, c.gate_init)), "convert", unit="step",
+                      enabled=self.progress and main) as bar:
+            log = (lambda text: bar.note(text, file=sys.stdout)) if main else (lambda _: None)
+            return convert_dense(m.dense, c, log=log, progress=bar)
 
     def setup(self, resume: bool) -> None:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
@@ -319,7 +324,9 @@ class Trainer:
         t = self.cfg.train
         losses, load = evaluate_domains(self.model, self.eval_sequences, batch_size=self.cfg.data.micro_batch_size,
                                         max_batches=t.eval_batches, ctx=self.ctx, autocast=self.autocast,
-                                        moe_layers=unwrap(self.model).moe_layers())
+                                        moe_layers=unwrap(self.model).moe_layers(),
+                                        on_batch=lambda done, total: self.logger.working(eval=f"{done}/{total} batches"))
+        self.logger.working(eval=None)
         if self.stream.due_for_update(self.tokens_seen):   # also at step 0 when references are measured
             measuring = self.stream.reference is None
             self.stream.update(losses, self.tokens_seen)
