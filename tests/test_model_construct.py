@@ -227,3 +227,16 @@ def test_fitted_gate_needs_a_linear_router(tmp_path):
     moe, cfg = convert_dense(tmp_path / "dense", ConvertConfig(experts=4, top_k=2, gate_init="fitted", calib_len=16),
                              log=lambda s: None)
     assert cfg.moe.gate_init == "fitted" and "sampled from the dense model" in cfg.moe.calibration
+
+
+def test_the_same_seed_gives_the_same_gates_whatever_the_method():
+    """Gates draw from their own per-layer streams: the partition's random draws do not shift them."""
+    gates = {}
+    for method in ("independent-random", "independent-clustering", "sharing-inner"):
+        model, _ = convert(method, seed=3)
+        gates[method] = [m.router.gate.weight.detach().clone() for m in model.moe_layers().values()]
+    first = gates["independent-random"]
+    assert all(torch.equal(a, b) for g in gates.values() for a, b in zip(first, g))
+    assert not torch.equal(first[0], first[1])              # layers differ
+    other, _ = convert("independent-random", seed=4)
+    assert not torch.equal(first[0], next(iter(other.moe_layers().values())).router.gate.weight)

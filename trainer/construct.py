@@ -298,14 +298,20 @@ def build_moe(dense: LlamaMoE, s: ConvertConfig, calibration: torch.Tensor | Non
                         balance_coef=s.balance_coef, shared_intermediate_size=shared_size, method=s.method,
                         seed=s.seed, calibration=calibration_note, partition=partition)
     cfg = ModelConfig(**{**dcfg.to_dict(), "moe": moe_cfg})
-    model = apply_partition(dense, cfg, gen)
+    model = apply_partition(dense, cfg, s.seed)
     _log_summary(log, cfg, I)
     return model, cfg
 
 
-def apply_partition(dense: LlamaMoE, cfg: ModelConfig, generator: torch.Generator | None = None) -> LlamaMoE:
+def gate_generator(seed: int, layer: int) -> torch.Generator:
+    """Each layer's gate draws from its own stream of the conversion seed, so the same --seed gives the
+    same gates whatever the construction method consumed from the partition's stream."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def apply_partition(dense: LlamaMoE, cfg: ModelConfig, seed: int = 0) -> LlamaMoE:
     """The MoE model for `cfg` (whose moe.partition says which neurons go where), weights taken from
-    `dense`; gates initialised by cfg.moe.gate_init with `generator`."""
+    `dense`; gates initialised by cfg.moe.gate_init from `gate_generator(seed, layer)`."""
     part = cfg.moe.partition
     with torch.device("meta"):
         model = LlamaMoE(cfg)
@@ -329,8 +335,8 @@ def apply_partition(dense: LlamaMoE, cfg: ModelConfig, generator: torch.Generato
             if router.expert_bias is not None:
                 state[f"layers.{l}.mlp.router.expert_bias"] = torch.zeros(router.expert_bias.shape)
     model.load_state_dict(state, assign=True)
-    for m in model.moe_layers().values():
-        m.router.gate.reset(cfg.moe.gate_init, generator)
+    for l, m in model.moe_layers().items():
+        m.router.gate.reset(cfg.moe.gate_init, gate_generator(seed, l))
     return model
 
 
