@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from trainer.checkpoint_io import dense_from_hf, load_hf_llama, load_tokenizer  # noqa: E402
-from trainer.construct import METHODS, ConvertSettings, build_moe  # noqa: E402
+from trainer.construct import METHODS, ConvertConfig, build_moe  # noqa: E402
 
 SETS = ("RedPajamaC4", "RedPajamaWikipedia")
 
@@ -83,13 +83,13 @@ def main(argv=None) -> int:
     runs = [(m, None) for m in METHODS] + [("independent-random", 1.0)]
     for method, scale in runs:
         t = time.time()
-        s = ConvertSettings(experts=a.experts, top_k=a.top_k, method=method, gate="linear", gate_init="random",
+        s = ConvertConfig(experts=a.experts, top_k=a.top_k, method=method, gate="linear", gate_init="random",
                             scale=scale, seed=0)
         moe, mcfg = build_moe(copy.deepcopy(dense), s, calib, "C4/Wikipedia sample", log=lambda _: None)
         rows.append({"model": f"{method}, scale {mcfg.moe.scale:g}", "convert_s": time.time() - t,
                      "loss": loss(moe, evals)})
         print(rows[-1])
-    s = ConvertSettings(experts=a.experts, top_k=a.experts, scale=float(a.experts), method="independent-random",
+    s = ConvertConfig(experts=a.experts, top_k=a.experts, scale=float(a.experts), method="independent-random",
                         gate="linear", gate_init="zero")
     moe, _ = build_moe(copy.deepcopy(dense), s, log=lambda _: None)
     rows.append({"model": f"sanity: {a.experts} experts, top-{a.experts}, scale {a.experts}, zero gate",

@@ -194,7 +194,7 @@ def study_main(argv, doc: str, runs: dict, work: str, run_arguments, cmd_run, cm
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--gguf", required=True)
+    r.add_argument("--gguf", required=True, help="the dense model: a .gguf file or a Hugging Face directory")
     r.add_argument("--tokens", required=True, help="`curate tokenize` output made with the GGUF's tokenizer")
     r.add_argument("--out", required=True, help="where the result files go")
     r.add_argument("--work", default=work)

@@ -31,20 +31,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from study_construction import mean, study_main  # noqa: E402  (the studies share their loss mean and arguments)
 
-# name -> (label, extra `curate convert` flags, distill). Flags beyond the required ones
-# (--experts 8 --top-k 2 --method M): "CALIB" stands for the token directory.
+# name -> (label, extra `curate convert` flags, train.distill). Flags beyond the required ones
+# (--experts 8 --top-k 2 --method M): "CALIB" stands for the token directory. Distillation's teacher is the
+# dense model itself.
+KD = {"weight": 1.0, "temperature": 1.0}
+KD_ONLY = {"weight": 1.0, "temperature": 1.0, "label_weight": 0.0}
 RUNS = {
-    "old-defaults": ("old defaults: noisy-mlp gate, zero init", ["--gate", "noisy-mlp", "--gate-init", "zero"], False),
-    "new-defaults": ("new defaults: required flags only (noisy-linear, random init, cv2)", [], False),
-    "linear": ("linear gate (no noise)", ["--gate", "linear"], False),
-    "noisy-mlp": ("noisy-mlp gate, random init", ["--gate", "noisy-mlp"], False),
-    "bias": ("bias balancing instead of cv2", ["--balance-loss", "bias"], False),
-    "fitted": ("fitted router", ["--gate-init", "fitted", "--calib-data", "CALIB"], False),
-    "distill": ("distillation from the dense model", [], True),
-    "fitted-distill": ("fitted router + distillation", ["--gate-init", "fitted", "--calib-data", "CALIB"], True),
-    "clustering": ("IndependentClustering", ["METHOD=independent-clustering"], False),
-    "sharing-inner": ("SharingInner", ["METHOD=sharing-inner", "--calib-data", "CALIB"], False),
-    "sharing-inter": ("SharingInter", ["METHOD=sharing-inter", "--calib-data", "CALIB"], False),
+    "old-defaults": ("old defaults: noisy-mlp gate, zero init", ["--gate", "noisy-mlp", "--gate-init", "zero"], None),
+    "new-defaults": ("new defaults: required flags only (noisy-linear, random init, cv2)", [], None),
+    "linear": ("linear gate (no noise)", ["--gate", "linear"], None),
+    "noisy-mlp": ("noisy-mlp gate, random init", ["--gate", "noisy-mlp"], None),
+    "bias": ("bias balancing instead of cv2", ["--balance-loss", "bias"], None),
+    "fitted": ("fitted router", ["--gate-init", "fitted", "--calib-data", "CALIB"], None),
+    "distill": ("distillation from the dense model (KL + labels)", [], KD),
+    "distill-kl": ("distillation, the KL alone", [], KD_ONLY),
+    "fitted-distill": ("fitted router + distillation (KL + labels)", ["--gate-init", "fitted", "--calib-data", "CALIB"], KD),
+    "bias-distill-kl": ("bias balancing + distillation, the KL alone", ["--balance-loss", "bias"], KD_ONLY),
+    "clustering": ("IndependentClustering", ["METHOD=independent-clustering"], None),
+    "sharing-inner": ("SharingInner", ["METHOD=sharing-inner", "--calib-data", "CALIB"], None),
+    "sharing-inter": ("SharingInter", ["METHOD=sharing-inter", "--calib-data", "CALIB"], None),
 }
 DEAD = 0.01
 
@@ -89,7 +94,7 @@ def run_one(name: str, args, work: Path, log) -> dict:
     train = {"max_steps": steps, "seed": 0, "log_every": 5, "eval_batches": args.eval_batches,
              "eval_every_tokens": every, "compile": args.compile, "checkpoint_every": None, "keep_checkpoints": 1}
     if distill:
-        train["distill"] = {"teacher": str(args.gguf), "weight": 1.0, "temperature": 1.0}
+        train["distill"] = {"teacher": str(args.gguf), **distill}
     cfg = write_train_config(
         work / f"train-{name}.yaml", model={"path": str(moe)},
         data={"tokens": str(args.tokens), "seq_len": args.seq_len, "micro_batch_size": args.micro_batch,
@@ -106,7 +111,7 @@ def run_one(name: str, args, work: Path, log) -> dict:
     dead0, busiest0, worst0 = health(routing[0]["layers"])
     dead, busiest, worst = health(routing[-1]["layers"])
     return {
-        "run": name, "label": label, "method": method, "convert_flags": convert_flags, "distill": distill,
+        "run": name, "label": label, "method": method, "convert_flags": convert_flags, "distill": distill or None,
         "steps": steps, "tokens": met[-1]["tokens"], "global_batch_tokens": global_batch, "seq_len": args.seq_len,
         "loss_start": mean(evals[0]["eval_loss"]), "loss_end": mean(evals[-1]["eval_loss"]),
         "eval_start": evals[0]["eval_loss"], "eval_end": evals[-1]["eval_loss"],
@@ -160,17 +165,18 @@ def cmd_report(args) -> int:
     order = [n for n in RUNS if n in runs]
     dense = mean(parts[0]["dense"])
     head = parts[0]
-    lines = [f"{head['date']}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2, "
+    dates = sorted({p["date"] for p in parts})
+    lines = [f"{', '.join(dates)}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2, "
              f"{runs[order[0]]['steps']} steps x {runs[order[0]]['global_batch_tokens']:,} tokens, seq "
              f"{runs[order[0]]['seq_len']}, lr 3e-4, static Sheared weights. Held-out mean loss over the 7 domains "
              f"(dense model: {dense:.3f}). Routing on the held-out batches without gate noise; 240 experts in all.",
              "", "| run | held-out loss, step 0 | at the end | experts under 1% (start -> end) | busiest expert, "
-             "worst layer (end) | tokens/s |", "|---|---|---|---|---|---|"]
+             "worst layer (end) | tokens/s (runs sharing the GPU) |", "|---|---|---|---|---|---|"]
     for n in order:
         r = runs[n]
         lines.append(f"| {r['label']} | {r['loss_start']:.2f} | **{r['loss_end']:.2f}** | {r['dead_start']} -> "
                      f"{r['dead_end']} | {r['busiest_end']:.1%} (layer {r['worst_layer_end']}) | "
-                     f"{r['tokens_per_s']:,.0f} |")
+                     f"{r['tokens_per_s']:,.0f} ({r.get('runs_sharing_the_gpu', 1)}) |")
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -191,7 +197,7 @@ def cmd_report(args) -> int:
     plt.close(fig)
 
     # routing: per layer, every expert's share at the end (old vs new defaults and the best runs)
-    shown = [n for n in ("old-defaults", "new-defaults", "bias", "fitted") if n in runs]
+    shown = [n for n in ("old-defaults", "new-defaults", "linear", "bias", "bias-distill-kl", "fitted") if n in runs]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 6.2), sharey=True)
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, shown):

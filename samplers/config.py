@@ -146,13 +146,26 @@ class SamplerConfig:
         return load_dataset_manifest(self.dataset_manifest)
 
 
+def _read_reference(p: Path):
+    try:
+        return json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise CurateError(f"cannot read reference losses from {p}: {e}") from e
+
+
+def load_reference_meta(path: str | Path) -> dict:
+    """What a reference file says it was measured with (tokenizer_vocab_sha256, seq_len, ...; RUN/
+    reference_losses.json has them), beside its `reference_losses` mapping; {} for a bare mapping."""
+    raw = _read_reference(Path(path))
+    if isinstance(raw, dict) and isinstance(raw.get("reference_losses"), dict):
+        return {k: v for k, v in raw.items() if k != "reference_losses"}
+    return {}
+
+
 def load_reference_file(path: str | Path) -> dict[str, float]:
     """{domain: loss} from a JSON or YAML file (a bare mapping, or one under `reference_losses`)."""
     p = Path(path)
-    try:
-        raw = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise CurateError(f"cannot read reference losses from {p}: {e}") from e
+    raw = _read_reference(p)
     if isinstance(raw, dict) and isinstance(raw.get("reference_losses"), dict):
         raw = raw["reference_losses"]
     if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in raw.values()):

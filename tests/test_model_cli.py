@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from conftest import ROOT, curate
+from test_train_loop import tokdir  # noqa: F401  (a fixture)
 from trainer.checkpoint_io import load_model, read_record
 
 
@@ -124,3 +125,30 @@ def test_benchmark_smoke_run_on_cpu(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in r["model"].values())
     assert all(v < 1e-4 for v in r["checks"]["grouped_vs_loop_rel_max"].values())
     assert "model: moe-grouped / dense-matched" in r["ratios"]
+
+
+def test_convert_reports_dense_and_converted_heldout_loss(tokdir, tmp_path):  # noqa: F811 (a fixture)
+    import yaml
+
+    from conftest import run_cli
+
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(yaml.safe_dump({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+                                     "num_heads": 4, "max_seq_len": 64}))
+    common = ("--dense", dense, "--method", "independent-random", "--tokens", tokdir, "--eval-len", 32, "--eval-seqs", 2)
+    # experts = top-k = scale with a zero gate computes the dense FFN exactly: no gap, per domain
+    proc = run_cli("convert", *common, "--out", tmp_path / "exact", "--experts", 4, "--top-k", 4, "--scale", 4,
+                   "--gate", "linear", "--gate-init", "zero")
+    assert "held-out loss" in proc.stdout and "converted" in proc.stdout
+    exact = read_record(tmp_path / "exact")["conversion"]["heldout"]
+    assert exact["seq_len"] == 32 and set(exact["dense"]) == set(exact["converted"]) and len(exact["dense"]) >= 3
+    assert all(abs(exact["converted"][d] - exact["dense"][d]) < 1e-4 for d in exact["dense"])
+    # top-2 of 4: the same dense losses (same seed, same sequences), and a real gap
+    run_cli("convert", *common, "--out", tmp_path / "top2", "--experts", 4, "--top-k", 2)
+    top2 = read_record(tmp_path / "top2")["conversion"]["heldout"]
+    assert top2["dense"] == pytest.approx(exact["dense"])
+    assert abs(top2["converted_mean"] - top2["dense_mean"]) > 1e-3
+
+    bad = run_cli("convert", *common[:-6], "--tokens", tmp_path, "--out", tmp_path / "x", "--experts", 4,
+                  "--top-k", 2, check=False)
+    assert bad.returncode == 2 and not (tmp_path / "x").exists()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.errors import CurateError
-from trainer.construct import (METHODS, ConvertSettings, balanced_assign, balanced_kmeans, build_moe,
+from trainer.construct import (METHODS, ConvertConfig, balanced_assign, balanced_kmeans, build_moe,
                                calibration_tokens, cluster_calibration, generated_calibration, neuron_use,
                                random_partition, sharing_inner_partition, taylor_scores)
 from trainer.model import LlamaMoE, ModelConfig
@@ -30,7 +30,7 @@ def calib(n: int = 8) -> torch.Tensor:
 
 
 def convert(method, experts=4, top_k=2, seed=0, **kw):
-    model, cfg = build_moe(dense_model(), ConvertSettings(experts=experts, top_k=top_k, method=method, seed=seed, **kw),
+    model, cfg = build_moe(dense_model(), ConvertConfig(experts=experts, top_k=top_k, method=method, seed=seed, **kw),
                            calib(), "test tokens", log=lambda s: None)
     return model, cfg
 
@@ -95,7 +95,7 @@ def test_experts_equal_top_k_equal_scale_with_zero_gate_reproduces_the_dense_mod
     x = torch.randint(0, 80, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = dense(x).logits
-    moe, cfg = build_moe(dense, ConvertSettings(experts=4, top_k=4, scale=4.0, method=method, gate=gate,
+    moe, cfg = build_moe(dense, ConvertConfig(experts=4, top_k=4, scale=4.0, method=method, gate=gate,
                                                 gate_init="zero"), calib(), "test", log=lambda s: None)
     with torch.no_grad():
         got = moe.eval()(x).logits
@@ -156,7 +156,7 @@ def test_bad_settings_are_refused_with_the_reason():
         convert("independent-random", experts=4, top_k=5)
     moe, _ = convert("independent-random")
     with pytest.raises(CurateError, match="already a mixture-of-experts"):
-        build_moe(moe, ConvertSettings(experts=2, top_k=1, method="independent-random"), log=lambda s: None)
+        build_moe(moe, ConvertConfig(experts=2, top_k=1, method="independent-random"), log=lambda s: None)
 
 
 def test_calibration_from_text_with_the_models_tokenizer(tmp_path):
@@ -186,7 +186,7 @@ def test_every_method_converts():
 
 def test_sharing_inner_takes_one_calibration_group_per_expert_when_counts_do_not_divide():
     # 9 sequences for 6 experts: chunk() would give 5 groups; every expert needs its own
-    model, cfg = build_moe(dense_model(), ConvertSettings(experts=6, top_k=2, method="sharing-inner"),
+    model, cfg = build_moe(dense_model(), ConvertConfig(experts=6, top_k=2, method="sharing-inner"),
                            calib(9), "test tokens", log=lambda s: None)
     assert cfg.moe.num_experts == 6 and len(model.moe_layers()) == len(model.layers)
 
@@ -200,7 +200,7 @@ def test_a_fitted_router_starts_closer_to_the_dense_model_than_a_random_one():
     fitted_kl, random_kl = [], []
     for seed in range(3):
         dense = dense_model(seed)
-        moe, _ = build_moe(dense, ConvertSettings(experts=4, top_k=1, method="independent-random", gate="linear",
+        moe, _ = build_moe(dense, ConvertConfig(experts=4, top_k=1, method="independent-random", gate="linear",
                                                   seed=seed), log=lambda s: None)
 
         def kl() -> float:
@@ -222,8 +222,21 @@ def test_fitted_gate_needs_a_linear_router(tmp_path):
     dense = dense_model()
     save_model(dense, dense.cfg, tmp_path / "dense")
     with pytest.raises(CurateError, match="fits a linear router"):
-        convert_dense(tmp_path / "dense", experts=4, top_k=2, method="independent-random", gate="noisy-mlp",
-                      gate_init="fitted", log=lambda s: None)
-    moe, cfg = convert_dense(tmp_path / "dense", experts=4, top_k=2, method="independent-random",
-                             gate_init="fitted", calib_len=16, log=lambda s: None)
+        convert_dense(tmp_path / "dense", ConvertConfig(experts=4, top_k=2, gate="noisy-mlp", gate_init="fitted"),
+                      log=lambda s: None)
+    moe, cfg = convert_dense(tmp_path / "dense", ConvertConfig(experts=4, top_k=2, gate_init="fitted", calib_len=16),
+                             log=lambda s: None)
     assert cfg.moe.gate_init == "fitted" and "sampled from the dense model" in cfg.moe.calibration
+
+
+def test_the_same_seed_gives_the_same_gates_whatever_the_method():
+    """Gates draw from their own per-layer streams: the partition's random draws do not shift them."""
+    gates = {}
+    for method in ("independent-random", "independent-clustering", "sharing-inner"):
+        model, _ = convert(method, seed=3)
+        gates[method] = [m.router.gate.weight.detach().clone() for m in model.moe_layers().values()]
+    first = gates["independent-random"]
+    assert all(torch.equal(a, b) for g in gates.values() for a, b in zip(first, g))
+    assert not torch.equal(first[0], first[1])              # layers differ
+    other, _ = convert("independent-random", seed=4)
+    assert not torch.equal(first[0], next(iter(other.moe_layers().values())).router.gate.weight)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.errors import CurateError
 from conftest import VENV_BIN, curate
 from trainer.config import load_train_config, write_train_config
 
@@ -110,6 +111,15 @@ def test_loss_falls_and_the_run_has_its_files(tokdir, tmp_path):
     assert dw[0]["weights"] == pytest.approx({d: 1 / 7 for d in dw[0]["weights"]})   # initial weights first
     assert dw[-1]["weights"] != dw[0]["weights"] and len(dw[0]["eval_loss"]) == 7
     assert sum(dw[-1]["eval_loss"].values()) < sum(dw[0]["eval_loss"].values()) - 7 * 0.5
+    # the measured references are kept with the tokenizer and context they were measured with
+    ref = json.loads((run / "reference_losses.json").read_text())
+    assert ref["reference_losses"] == pytest.approx(dw[0]["eval_loss"]) and ref["seq_len"] == 32
+    from trainer.preflight import check_reference_losses, tokens_vocab_sha256
+    assert ref["tokenizer_vocab_sha256"] == tokens_vocab_sha256(tokdir)
+    reuse = {"kind": "dynamic", "reference_losses": str(run / "reference_losses.json")}
+    check_reference_losses(reuse, tokdir, 32)
+    with pytest.raises(CurateError, match="context of 32 tokens, data.seq_len is 64"):
+        check_reference_losses(reuse, tokdir, 64)
 
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_10", "step_20", "step_30"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

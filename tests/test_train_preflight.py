@@ -41,11 +41,28 @@ def test_tokens_from_another_tokenizer_are_refused_and_the_same_one_passes(tmp_p
 def test_llama2_references_with_another_tokenizer_point_to_measure(tmp_path):
     (tmp_path / "tokenizer_source.json").write_text(json.dumps({"spec": "SmolLM2.gguf", "vocab_size": 49152}))
     with pytest.raises(CurateError, match="reference_losses: measure"):
-        check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path)
-    check_reference_losses({"kind": "dynamic", "reference_losses": "measure"}, tmp_path)
-    check_reference_losses({"kind": "static", "reference_losses": "llama2-7b"}, tmp_path)
+        check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path, 512)
+    check_reference_losses({"kind": "dynamic", "reference_losses": "measure"}, tmp_path, 512)
+    check_reference_losses({"kind": "static", "reference_losses": "llama2-7b"}, tmp_path, 512)
     (tmp_path / "tokenizer_source.json").write_text(json.dumps({"spec": "llama2", "vocab_size": 32000}))
-    check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path)
+    check_reference_losses({"kind": "dynamic", "reference_losses": "llama2-7b"}, tmp_path, 512)
+
+
+def test_a_reference_file_measured_with_another_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    tokdir = tmp_path / "tokens"
+    tokdir.mkdir()
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(tokdir / "tokenizer.json"))
+    ref = tmp_path / "ref.json"
+    for sha, ok in ((tokens_vocab_sha256(tokdir), True), ("0" * 64, False)):
+        ref.write_text(json.dumps({"reference_losses": {"C4": 2.0}, "tokenizer_vocab_sha256": sha, "seq_len": 512}))
+        if ok:
+            check_reference_losses({"kind": "dynamic", "reference_losses": str(ref)}, tokdir, 512)
+        else:
+            with pytest.raises(CurateError, match="another tokenizer"):
+                check_reference_losses({"kind": "dynamic", "reference_losses": str(ref)}, tokdir, 512)
+    ref.write_text(json.dumps({"C4": 2.0}))           # a bare mapping says nothing: taken as it is
+    check_reference_losses({"kind": "dynamic", "reference_losses": str(ref)}, tokdir, 512)
 
 
 def test_a_damaged_tokenizer_record_is_a_clear_error(tmp_path):

@@ -27,43 +27,8 @@ from common.config import apply_overrides, build, choice, commented_yaml, non_ne
 from common.errors import CurateError
 from common.files import read_yaml
 from common.files import write_atomic
-from trainer.construct import METHODS
-from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES
+from trainer.construct import ConvertConfig
 
-
-
-@dataclass
-class ConvertConfig:
-    """How to split a dense model's FFNs into experts: the flags of `curate convert`."""
-    experts: int = setting(8, "experts per layer")
-    top_k: int = setting(2, "experts each token is routed to")
-    method: str = setting("independent-random", "independent-random | independent-clustering | sharing-inner | sharing-inter")
-    gate: str = setting("noisy-linear", "noisy-linear (linear router, softplus noise in training; exports to Mixtral) | linear | noisy-mlp (the paper's exact gate)")
-    gate_init: str = setting("random", "random (as LLaMA-MoE) | zero")
-    scale: float | None = setting(None, "expert output scale; null: experts / top_k (the paper's rescale)")
-    seed: int = setting(0, "seed of the neuron split and the gate initialisation")
-    balance_loss: str = setting("cv2", "cv2 (the paper's 0.01 * (CV^2 importance + CV^2 load)) | switch | bias (aux-loss-free, DeepSeek-V3) | none")
-    shared_size: int | None = setting(None, "sharing-inter only: neurons shared by all experts")
-    calib_data: str | None = setting(None, "sharing-*: a `curate tokenize` dir or a text file")
-    calib_seqs: int = setting(4, "sharing-*: calibration sequences per expert")
-    calib_len: int = setting(128, "sharing-*: tokens per calibration sequence")
-
-    def check(self, where: str) -> None:
-        positive(self.experts, f"{where}.experts")
-        positive(self.top_k, f"{where}.top_k")
-        if self.top_k > self.experts:
-            raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
-        choice(self.method, METHODS, f"{where}.method")
-        choice(self.gate, GATES, f"{where}.gate")
-        choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
-        if self.scale is not None and not self.scale > 0:
-            raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
-        non_negative(self.seed, f"{where}.seed")
-        choice(self.balance_loss, tuple(b or "none" for b in BALANCE_LOSSES), f"{where}.balance_loss")
-        if self.shared_size is not None:
-            non_negative(self.shared_size, f"{where}.shared_size")
-        positive(self.calib_seqs, f"{where}.calib_seqs")
-        positive(self.calib_len, f"{where}.calib_len")
 
 
 @dataclass
@@ -137,11 +102,13 @@ class DistillConfig:
     teacher: str = setting("", "the teacher: any model `load_model` reads (HF dir, .gguf, our model dir)")
     weight: float = setting(1.0, "weight of the KL term")
     temperature: float = setting(1.0, "softmax temperature of both distributions")
+    label_weight: float = setting(1.0, "weight of the usual next-token loss on the labels beside it (0: the KL alone)")
 
     def check(self, where: str) -> None:
         if not self.teacher:
             raise CurateError(f"{where}.teacher is required: the model to distil from (e.g. the dense model)")
         non_negative(self.weight, f"{where}.weight")
+        non_negative(self.label_weight, f"{where}.label_weight")
         positive(self.temperature, f"{where}.temperature")
 
 

@@ -25,28 +25,58 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common.config import choice, non_negative, positive, setting
 from common.errors import CurateError
 from trainer.model import LlamaMoE, ModelConfig
-from trainer.moe import MoEConfig
+from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES, MoEConfig
 
 METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
 
 
 @dataclass
-class ConvertSettings:
-    experts: int
-    top_k: int
-    method: str
-    gate: str = "linear"
-    gate_init: str = "random"
-    scale: float | None = None          # None: experts / top_k
-    seed: int = 0
-    balance_loss: str | None = "cv2"
-    balance_coef: float = 0.01
-    shared_size: int | None = None       # sharing-inter only; None: about one expert's worth
+class ConvertConfig:
+    """How to split a dense model's FFNs into experts: the one shape of the conversion settings, read from
+    `curate convert`'s flags and from a training config's `model.convert` alike."""
+    experts: int = setting(8, "experts per layer")
+    top_k: int = setting(2, "experts each token is routed to")
+    method: str = setting("independent-random", "independent-random | independent-clustering | sharing-inner | sharing-inter")
+    gate: str = setting("noisy-linear", "noisy-linear (linear router, softplus noise in training only; exports to "
+                        "Mixtral) | linear (Mixtral's router) | noisy-mlp (the paper's exact gate, not exportable)")
+    gate_init: str = setting("random", "random (as LLaMA-MoE) | zero (every logit 0: ties every expert) | fitted "
+                             "(each linear gate fitted on calibration tokens to pick the experts with the largest outputs)")
+    scale: float | None = setting(None, "expert output rescale; null: experts / top_k (the paper's)")
+    seed: int = setting(0, "seed of the neuron split, the gate initialisation and the calibration sample")
+    balance_loss: str = setting("cv2", "cv2 (the paper's CV^2 importance + CV^2 load) | switch | bias (no auxiliary "
+                                "loss; a per-expert selection bias follows the load, DeepSeek-V3) | none")
+    balance_coef: float = setting(0.01, "weight of the balance loss (cv2, switch)")
+    shared_size: int | None = setting(None, "sharing-inter only: neurons in the always-on shared part; null: about one expert")
+    calib_data: str | None = setting(None, "sharing-* and gate_init fitted: a `curate tokenize` dir or a .txt/.jsonl "
+                                     "file; null: text sampled from the dense model itself")
+    calib_seqs: int = setting(4, "calibration sequences per expert")
+    calib_len: int = setting(128, "tokens per calibration sequence")
+
+    def check(self, where: str = "convert") -> None:
+        positive(self.experts, f"{where}.experts")
+        positive(self.top_k, f"{where}.top_k")
+        if self.top_k > self.experts:
+            raise CurateError(f"{where}.top_k ({self.top_k}) must not exceed {where}.experts ({self.experts})")
+        choice(self.method, METHODS, f"{where}.method")
+        choice(self.gate, GATES, f"{where}.gate")
+        choice(self.gate_init, GATE_INITS, f"{where}.gate_init")
+        if self.gate_init == "fitted" and self.gate == "noisy-mlp":
+            raise CurateError(f"{where}.gate_init fitted fits a linear router; use gate noisy-linear or linear with it")
+        if self.scale is not None and not self.scale > 0:
+            raise CurateError(f"{where}.scale must be > 0, got {self.scale}")
+        non_negative(self.seed, f"{where}.seed")
+        choice(self.balance_loss, tuple(b or "none" for b in BALANCE_LOSSES), f"{where}.balance_loss")
+        non_negative(self.balance_coef, f"{where}.balance_coef")
+        if self.shared_size is not None:
+            non_negative(self.shared_size, f"{where}.shared_size")
+        positive(self.calib_seqs, f"{where}.calib_seqs")
+        positive(self.calib_len, f"{where}.calib_len")
 
 
-def expert_layout(intermediate: int, s: ConvertSettings) -> tuple[int, int]:
+def expert_layout(intermediate: int, s: ConvertConfig) -> tuple[int, int]:
     """(neurons per routed expert, neurons in the shared part) for a dense FFN of `intermediate` neurons."""
     E = s.experts
     if s.method not in METHODS:
@@ -221,7 +251,7 @@ def sharing_inter_partition(scores: torch.Tensor, expert_size: int,
 
 # -------------------------------------------------------------------------------------------- building
 
-def build_moe(dense: LlamaMoE, s: ConvertSettings, calibration: torch.Tensor | None = None,
+def build_moe(dense: LlamaMoE, s: ConvertConfig, calibration: torch.Tensor | None = None,
               calibration_note: str | None = None,
               log: Callable[[str], None] = print) -> tuple[LlamaMoE, ModelConfig]:
     """A LlamaMoE whose attention, norms and embeddings are the dense model's and whose FFNs are split
@@ -263,18 +293,25 @@ def build_moe(dense: LlamaMoE, s: ConvertSettings, calibration: torch.Tensor | N
     partition = {"experts": [[p.tolist() for p in parts] for parts in experts_per_layer],
                  "shared": [sh.tolist() for sh in shared_per_layer] if shared_per_layer is not None else None}
     moe_cfg = MoEConfig(num_experts=s.experts, top_k=s.top_k, expert_size=expert_size, scale=s.scale,
-                        gate=s.gate, gate_init=s.gate_init, balance_loss=s.balance_loss,
+                        gate=s.gate, gate_init=s.gate_init,
+                        balance_loss=None if s.balance_loss == "none" else s.balance_loss,
                         balance_coef=s.balance_coef, shared_intermediate_size=shared_size, method=s.method,
                         seed=s.seed, calibration=calibration_note, partition=partition)
     cfg = ModelConfig(**{**dcfg.to_dict(), "moe": moe_cfg})
-    model = apply_partition(dense, cfg, gen)
+    model = apply_partition(dense, cfg, s.seed)
     _log_summary(log, cfg, I)
     return model, cfg
 
 
-def apply_partition(dense: LlamaMoE, cfg: ModelConfig, generator: torch.Generator | None = None) -> LlamaMoE:
+def gate_generator(seed: int, layer: int) -> torch.Generator:
+    """Each layer's gate draws from its own stream of the conversion seed, so the same --seed gives the
+    same gates whatever the construction method consumed from the partition's stream."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def apply_partition(dense: LlamaMoE, cfg: ModelConfig, seed: int = 0) -> LlamaMoE:
     """The MoE model for `cfg` (whose moe.partition says which neurons go where), weights taken from
-    `dense`; gates initialised by cfg.moe.gate_init with `generator`."""
+    `dense`; gates initialised by cfg.moe.gate_init from `gate_generator(seed, layer)`."""
     part = cfg.moe.partition
     with torch.device("meta"):
         model = LlamaMoE(cfg)
@@ -298,8 +335,8 @@ def apply_partition(dense: LlamaMoE, cfg: ModelConfig, generator: torch.Generato
             if router.expert_bias is not None:
                 state[f"layers.{l}.mlp.router.expert_bias"] = torch.zeros(router.expert_bias.shape)
     model.load_state_dict(state, assign=True)
-    for m in model.moe_layers().values():
-        m.router.gate.reset(cfg.moe.gate_init, generator)
+    for l, m in model.moe_layers().items():
+        m.router.gate.reset(cfg.moe.gate_init, gate_generator(seed, l))
     return model
 
 
@@ -464,46 +501,49 @@ def convert_steps(method: str, gate_init: str) -> list[str]:
     return ["load", *(["calibration"] if calibrated else []), "experts", *(["routers"] if gate_init == "fitted" else [])]
 
 
-def convert_dense(dense: str | Path, *, experts: int, top_k: int, method: str, gate: str = "linear",
-                  gate_init: str = "random", scale: float | None = None, seed: int = 0,
-                  balance_loss: str | None = "cv2", shared_size: int | None = None,
-                  calib_data: str | Path | None = None, calib_seqs_per_expert: int = 4, calib_len: int = 128,
-                  log: Callable[[str], None] = print, progress=None) -> tuple[LlamaMoE, ModelConfig]:
-    """Load a dense LLaMA (any form `load_model` takes) and build the MoE: the core of `curate convert`,
-    also used by `curate train` to convert on the fly. `progress` (a common.progress.Progress over
-    `convert_steps`) advances once per step done."""
+def load_dense(dense: str | Path, seed: int = 0) -> tuple[LlamaMoE, ModelConfig]:
+    """The dense LLaMA at `dense` (any form `load_model` takes), in float32 on the CPU."""
     from trainer.checkpoint_io import load_model
 
-    def done(step: str) -> None:
-        if progress is not None:
-            progress.update(1, finished=step)
-
-    s = ConvertSettings(experts=experts, top_k=top_k, method=method, gate=gate, gate_init=gate_init, scale=scale,
-                        seed=seed, balance_loss=balance_loss, shared_size=shared_size)
     # a model config is initialised randomly: seeded, so the same command converts the same model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, cfg = load_model(dense, device="cpu", dtype=torch.float32)
+    if cfg.moe is not None:
+        raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
+    return model, cfg
+
+
+def convert_dense(dense: str | Path, s: ConvertConfig, log: Callable[[str], None] = print,
+                  model: LlamaMoE | None = None, progress=None) -> tuple[LlamaMoE, ModelConfig]:
+    """Build the MoE from the dense LLaMA at `dense` (or from `model`, already loaded from there): the core
+    of `curate convert`, also used by `curate train` to convert on the fly. `progress` (a
+    common.progress.Progress over `convert_steps`) advances once per step done."""
+    def done(step: str) -> None:
+        if progress is not None:
+            progress.update(1, finished=step)
+
+    s.check()
+    if model is None:
+        model, _ = load_dense(dense, s.seed)
+    cfg = model.cfg
     log(f"dense model {dense}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
         f"vocab {cfg.vocab_size}")
     done("load")
-    if cfg.moe is not None:
-        raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
     calib = note = None
-    if gate_init == "fitted" and gate == "noisy-mlp":
-        raise CurateError("--gate-init fitted fits a linear router; use --gate noisy-linear or linear with it")
+    method, gate_init = s.method, s.gate_init
     if method.startswith("sharing") or gate_init == "fitted":
-        n, T = experts * calib_seqs_per_expert, min(calib_len, cfg.max_seq_len)
-        if calib_data is None:
+        n, T = s.experts * s.calib_seqs, min(s.calib_len, cfg.max_seq_len)
+        if s.calib_data is None:
             # not random tokens: text the dense model writes itself (see generated_calibration)
-            calib = generated_calibration(model, n, T, seed)
-            note = f"{n} x {T + 1} tokens sampled from the dense model (seed {seed}): no calibration data given"
+            calib = generated_calibration(model, n, T, s.seed)
+            note = f"{n} x {T + 1} tokens sampled from the dense model (seed {s.seed}): no calibration data given"
             log(f"calibration: {note} -- pass --calib-data for importance measured on real text")
         else:
-            calib, note = calibration_tokens(calib_data, dense, cfg, n, T, seed)
+            calib, note = calibration_tokens(s.calib_data, dense, cfg, n, T, s.seed)
             log(f"calibration: {note}")
         done("calibration")
-    elif calib_data is not None:
+    elif s.calib_data is not None:
         log(f"note: --calib-data is not used by {method}")
     moe, moe_cfg = build_moe(model, s, calib if method.startswith("sharing") else None, note, log)
     done("experts")

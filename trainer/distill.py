@@ -5,6 +5,9 @@ distribution on the same batch is a denser signal than the one-hot label. The lo
 
     weight * T^2 * mean over tokens of KL( softmax(teacher / T) || softmax(student / T) )
 
+beside `label_weight` times the usual next-token loss (0 leaves the KL alone, as Minitron's
+pruned-model recovery does).
+
 (Hinton et al.'s T^2 keeps the gradient's size independent of the temperature).
 """
 from __future__ import annotations

@@ -79,11 +79,29 @@ def check_tokenizers(model_section, tokdir: str | Path) -> None:
             f"words. Tokenize with the model's own tokenizer: curate tokenize DIR --tokenizer {where} --out TOKDIR")
 
 
-def check_reference_losses(sampler: dict, tokdir: str | Path) -> None:
-    """The manifest's llama2-7b references are per-token losses of LLaMA-2's tokenizer: another
-    tokenizer splits text differently, so its losses are not comparable with them."""
-    from samplers.config import MANIFEST_REFERENCE
-    if sampler.get("kind") != "dynamic" or sampler.get("reference_losses") != MANIFEST_REFERENCE:
+def check_reference_losses(sampler: dict, tokdir: str | Path, seq_len: int) -> None:
+    """Reference losses are per-token losses of one tokenizer at one context length: another tokenizer
+    splits text differently and a longer context lowers the loss, so neither is comparable. The
+    manifest's llama2-7b references are LLaMA-2's (its tokenizer, context 4096); a file written by a
+    `measure` run (RUN/reference_losses.json) records its own."""
+    from samplers.config import MANIFEST_REFERENCE, load_reference_meta
+    ref = sampler.get("reference_losses")
+    if sampler.get("kind") != "dynamic":
+        return
+    if isinstance(ref, str) and ref not in (MANIFEST_REFERENCE, "measure"):
+        meta = load_reference_meta(ref)
+        theirs, ours = meta.get("tokenizer_vocab_sha256"), tokens_vocab_sha256(tokdir)
+        if theirs and ours and theirs != ours:
+            raise CurateError(f"sampler.reference_losses {ref} were measured with another tokenizer (vocabulary sha256 "
+                              f"{theirs[:12]}) than data.tokens {tokdir} (sha256 {ours[:12]}): per-token losses of two "
+                              "tokenizers are not comparable. Use reference_losses: measure, or a file measured on "
+                              "these tokens")
+        if meta.get("seq_len") not in (None, seq_len):
+            raise CurateError(f"sampler.reference_losses {ref} were measured at a context of {meta['seq_len']} tokens, "
+                              f"data.seq_len is {seq_len}: the loss depends on the context, so the excess losses would "
+                              f"be biased. Train at seq_len {meta['seq_len']} or measure again (reference_losses: measure)")
+        return
+    if ref != MANIFEST_REFERENCE:
         return
     tok = tokens_tokenizer(tokdir)
     if tok is not None and tok.get("vocab_size") != LLAMA2_VOCAB:

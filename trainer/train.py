@@ -13,6 +13,7 @@ steps a checkpoint is written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from common.errors import CurateError
+from common.files import write_atomic
 from trainer import checkpoint as ckpt
 from common.config import apply_overrides, parse_assignment
 from common.progress import Progress, add_progress_argument
@@ -150,11 +152,7 @@ class Trainer:
         with Progress(len(convert_steps(c.method, c.gate_init)), "convert", unit="step",
                       enabled=self.progress and main) as bar:
             log = (lambda text: bar.note(text, file=sys.stdout)) if main else (lambda _: None)
-            return convert_dense(m.dense, experts=c.experts, top_k=c.top_k, method=c.method, gate=c.gate,
-                                 gate_init=c.gate_init, scale=c.scale, seed=c.seed,
-                                 balance_loss=None if c.balance_loss == "none" else c.balance_loss,
-                                 shared_size=c.shared_size, calib_data=c.calib_data,
-                                 calib_seqs_per_expert=c.calib_seqs, calib_len=c.calib_len, log=log, progress=bar)
+            return convert_dense(m.dense, c, log=log, progress=bar)
 
     def setup(self, resume: bool) -> None:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
@@ -163,7 +161,7 @@ class Trainer:
         if checkpoint is None:          # a resumed run passed these checks when it started
             from trainer.preflight import check_reference_losses, check_tokenizers
             check_tokenizers(cfg.model, cfg.data.tokens)
-            check_reference_losses(cfg.sampler, cfg.data.tokens)
+            check_reference_losses(cfg.sampler, cfg.data.tokens, cfg.data.seq_len)
         seed_everything(t.seed)                 # the same initial weights on every rank
         model, self.model_cfg = self.build_model(checkpoint)
         if self.tokens.vocab_size > self.model_cfg.vocab_size:
@@ -292,7 +290,7 @@ class Trainer:
                         with torch.no_grad():
                             teacher_logits = self.teacher(batch[:, :-1]).logits
                         kl = distill_kl(out.logits, teacher_logits, distill.temperature, batch[:, 1:] >= 0)
-                        total = total + distill.weight * kl
+                        total = distill.label_weight * out.loss + out.aux_loss + distill.weight * kl
                         kl_sum += kl.detach()
                 (total / self.accum).backward()
             loss_sum += out.loss.detach()
@@ -330,13 +328,31 @@ class Trainer:
                                         on_batch=lambda done, total: self.logger.working(eval=f"{done}/{total} batches"))
         self.logger.working(eval=None)
         if self.stream.due_for_update(self.tokens_seen):   # also at step 0 when references are measured
+            measuring = self.stream.reference is None
             self.stream.update(losses, self.tokens_seen)
+            if measuring and self.ctx.is_main:
+                self.write_reference()
         self.logger.log_domains({"tokens": self.tokens_seen, "step": self.step,
                                  "weights": dict(self.stream.weights), "eval_loss": losses})
         if load:
             self.logger.log_routing({"step": self.step, "tokens": self.tokens_seen,
                                      "layers": {str(layer): row for layer, row in load.items()}})
         self.last_eval_tokens = self.tokens_seen
+
+    def write_reference(self) -> None:
+        """RUN/reference_losses.json: the measured references with the tokenizer and context they were
+        measured with, so another run can take them (`reference_losses: RUN/reference_losses.json`) and
+        be refused if its tokens or seq_len differ."""
+        from trainer.preflight import tokens_vocab_sha256
+        d, t = self.cfg.data, self.cfg.train
+        write_atomic(self.run_dir / "reference_losses.json", json.dumps({
+            "reference_losses": self.stream.reference,
+            "tokenizer_vocab_sha256": tokens_vocab_sha256(d.tokens),
+            "seq_len": d.seq_len,
+            "eval_tokens_per_domain": t.eval_batches * d.micro_batch_size * d.seq_len,
+            "model": str(self.cfg.model.path or self.cfg.model.dense),
+            "tokens": str(d.tokens), "step": self.step,
+        }, indent=1).encode() + b"\n")
 
     def max_memory(self) -> float | None:
         """Peak GPU memory of this rank so far (GB); None on CPU."""
