@@ -105,10 +105,10 @@ def build_models(a, device) -> tuple[dict, dict, ModelConfig]:
     """CPU fp32 builders for every variant: name -> () -> (module, ModelConfig, is_hf)."""
     if a.gguf:
         from trainer.checkpoint_io import load_model
-        from trainer.construct import ConvertSettings, build_moe
+        from trainer.construct import ConvertConfig, build_moe
 
         dense, dcfg = load_model(a.gguf)
-        moe, mcfg = build_moe(copy.deepcopy(dense), ConvertSettings(
+        moe, mcfg = build_moe(copy.deepcopy(dense), ConvertConfig(
             experts=a.experts, top_k=a.top_k, method="independent-random", gate="linear", gate_init="random"),
             log=lambda s: print("  " + s))
         source = f"{a.gguf} (real weights; MoE by independent-random, linear gate)"
