@@ -52,7 +52,8 @@ class ConvertConfig:
     shared_size: int | None = setting(None, "sharing-inter only: neurons in the always-on shared part; null: about one expert")
     calib_data: str | None = setting(None, "sharing-* and gate_init fitted: a `curate tokenize` dir or a .txt/.jsonl "
                                      "file; null: text sampled from the dense model itself")
-    calib_seqs: int = setting(4, "calibration sequences per expert")
+    calib_seqs: int = setting(16, "calibration sequences per expert (16 x 128 = 2,048 tokens: on SmolLM2-135M "
+                              "two disjoint samples of that size agree on 78% of each layer's top-192 neurons, 512 tokens on 64%)")
     calib_len: int = setting(128, "tokens per calibration sequence")
 
     def check(self, where: str = "convert") -> None:
