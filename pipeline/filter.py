@@ -211,8 +211,8 @@ def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifes
         "timings": timings,                      # seconds since the start of the run
     }
     # per-filter statistics (pipeline/inspect.py) from the scores the tasks returned; only the shards
-    # done by an earlier run are read back
-    values = _score_values(out_dir, columns, [results[s.id] for s in shards if s.id in skipped], done.extras)
+    # whose scores did not come back (done by an earlier run, or by an attempt of a retried task) are read
+    values = _score_values(out_dir, columns, [results[s.id] for s in shards if s.id not in done.extras], done.extras)
     write_stats(out_dir, values, manifest)
     wall = time.perf_counter() - t0
     manifest.update(wall_s=round(wall, 3), docs_per_s=round(totals["docs_in"] / wall, 1) if wall > 0 else None)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.errors import CurateError
+from pipeline import shard_stage
 from pipeline.cluster import WorkerPool, dask_client
 from pipeline.shard_stage import MAX_GROUP_BYTES, ShardTask, failure_report, plan_groups, run_shards
 
@@ -60,10 +61,12 @@ class ToyStage:
         return {"status": "failed", "error": error}
 
 
-def test_one_failure_protocol(tmp_path):
+def test_one_failure_protocol(tmp_path, monkeypatch):
     stage = ToyStage(str(tmp_path))
     ids = ["a", "bad", "b", "bug", "c"]
     todo = [ShardTask(id=i, marker=str(tmp_path / f"{i}.json"), size=10, payload=n) for n, i in enumerate(ids)]
+    # all five in one task: the one that raises makes Dask retry the group, then it is split
+    monkeypatch.setattr(shard_stage, "plan_groups", lambda tasks, workers: [list(tasks)])
     with dask_client(workers=1, quiet=True) as client:
         res = run_shards(client, stage, todo, progress=False)
     markers = {i: json.loads((tmp_path / f"{i}.json").read_text()) for i in ids}
@@ -73,10 +76,10 @@ def test_one_failure_protocol(tmp_path):
     assert markers["bad"]["error"] == "bad input in shard bad"       # the data's error, as it was raised
     assert markers["bug"]["error"] == "RuntimeError: a bug"          # pinned on that shard alone
     assert len({m["run_id"] for m in markers.values()}) == 1 and all(m["config_hash"] == "h1" for m in markers.values())
-    assert res.extras == {"a": 0, "b": 20, "c": 40}
-    # all five travelled in one group: the failing one made it retry, but the shards that were done
-    # were not processed again (one attempt each)
+    # the shards done before "bug" raised were not processed again by the retries (one attempt
+    # each); what they returned was lost with the failed attempt, so only c's extra came back
     assert [(tmp_path / f"{i}.attempts").read_text() for i in ("a", "b", "c")] == ["1", "1", "1"]
+    assert res.extras == {"c": 40}
     assert sorted(res.failed) == [("bad", "bad input in shard bad"), ("bug", "RuntimeError: a bug")]
     report = failure_report(res.failed)
     assert report.startswith("2 shard(s) failed") and "failed shard bug: RuntimeError: a bug" in report
@@ -105,3 +108,23 @@ def test_bad_pool_arguments_fail_at_once():
         WorkerPool(workers=2, tls={"ca_file": "x"})
     with pytest.raises(CurateError, match="not a scheduler address"):
         WorkerPool(scheduler="not an address")
+
+
+def test_stats_from_the_tasks_equal_stats_read_back(sample_dir, sample_models, tmp_path):
+    """stats.json comes from the scores the tasks returned, and from the outputs for shards done
+    earlier: both ways give what reading every output back gives."""
+    from pipeline.filter import run_filter
+    from pipeline.inspect import filter_stats
+
+    cfg = tmp_path / "ads.yaml"
+    cfg.write_text(f"ads: {{model: {sample_models / 'ads.bin'}, threshold: 0.5}}\n")
+    out = tmp_path / "out"
+    run_filter([str(sample_dir / "train")], out, config=str(cfg), progress=False)
+    first = json.loads((out / "stats.json").read_text())
+    assert first["scores"]["ad_score"]["count"] > 0
+    assert first == filter_stats(out)                 # in memory == read back
+    markers = sorted((out / "shards").glob("*.json"))
+    markers[0].unlink()                               # one shard redone, the others read back
+    m = run_filter([str(sample_dir / "train")], out, config=str(cfg), progress=False)
+    assert m["shards"]["skipped"] == len(markers) - 1
+    assert json.loads((out / "stats.json").read_text()) == first
