@@ -22,7 +22,7 @@ import numpy as np
 
 from filters.config import FilterConfig, build_filters, load_filter_config
 from common.errors import CurateError
-from common.progress import Progress, add_progress_argument
+from common.progress import add_progress_argument
 from common.files import temporary_path
 from pipeline import calibrate
 from pipeline.cluster import WorkerPool, add_tls_arguments, tls_options

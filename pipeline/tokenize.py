@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import CurateError
-from common.progress import Progress, add_progress_argument
+from common.progress import add_progress_argument
 from common.files import temporary_path
 from pipeline.cluster import WorkerPool, pool_client
 from pipeline.manifest import read_json_object, write_json
