@@ -99,30 +99,21 @@ def _security(address: str, tls: dict | None):
                     require_encryption=True)
 
 
-def _loopback_worker():
+def _worker_class(processes: bool):
+    """Dask's Nanny (a worker process) or Worker (a thread here), without the per-worker dashboard:
+    LocalCluster turns that on whenever it is given the worker HTTP address (which keeps the health
+    and metrics server on loopback), and its plotting imports cost every worker about 1.5 s of CPU at
+    start-up, on the path to its first task. The scheduler's dashboard is not affected."""
     import distributed
 
-    class LoopbackWorker(distributed.Worker):
-        """A worker whose HTTP server (health, metrics) listens where it is told, without the
-        per-worker dashboard: LocalCluster turns that on with the address, and its plotting
-        imports cost every worker about 1.5 s of CPU at start-up, on the path to the first task."""
+    base = distributed.Nanny if processes else distributed.Worker
 
+    class WithoutDashboard(base):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **{**kwargs, "dashboard": False})
 
-    return LoopbackWorker
-
-
-def _loopback_nanny():
-    import distributed
-
-    class LoopbackNanny(distributed.Nanny):
-        """A nanny whose worker process has no per-worker dashboard (see _loopback_worker)."""
-
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **{**kwargs, "dashboard": False})
-
-    return LoopbackNanny
+    WithoutDashboard.__name__ = WithoutDashboard.__qualname__ = f"{base.__name__}WithoutDashboard"
+    return WithoutDashboard
 
 
 class WorkerPool:
@@ -190,7 +181,7 @@ class WorkerPool:
                 where = {"host": LOOPBACK, "security": Security.temporary()} if n > 1 else {}
                 self._cluster = distributed.LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=n > 1, **where,
-                    worker_class=_loopback_nanny() if n > 1 else _loopback_worker(),
+                    worker_class=_worker_class(processes=n > 1),
                     # Dask's HTTP servers (health, metrics) run even without the dashboard, on
                     # 0.0.0.0 unless told otherwise
                     dashboard_address=f"{LOOPBACK}:0", scheduler_kwargs={"dashboard": self.dashboard},

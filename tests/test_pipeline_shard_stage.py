@@ -91,6 +91,9 @@ def test_one_pool_serves_filter_then_tokenize(sample_dir, tmp_path):
 
     with WorkerPool(workers=2, quiet=True) as pool:
         before = set(pool.client().scheduler_info()["workers"])
+        # the scheduler serves its dashboard; the workers have none (its imports would slow their start)
+        assert pool.dashboard and "/status" in pool.client().dashboard_link
+        assert set(pool.client().run(lambda dask_worker: dask_worker._dashboard).values()) == {False}
         m = run_filter([str(sample_dir / "train")], tmp_path / "f", pool=pool, progress=False)
         t = tokenize_dir(tmp_path / "f", "train:400", tmp_path / "t", pool=pool, quiet=True, progress=False)
         assert set(pool.client().scheduler_info()["workers"]) == before      # the same two processes
