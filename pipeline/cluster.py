@@ -35,11 +35,15 @@ def _local_cluster_config() -> dict:
       without it (tests/test_pipeline_memory.py);
     - the statistical profiler samples every 10 ms; every 100 ms still fills the dashboard;
     - the event-loop tick (20 ms), memory monitor (100 ms) and system monitor (500 ms) wake-ups.
+    Tokenizers' thread pool is held to one thread per worker process too.
     """
     import dask
 
     env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
            if k != "MALLOC_TRIM_THRESHOLD_"}
+    # one core per worker: tokenizers would otherwise start a thread pool per worker process,
+    # over-subscribing the cores --workers asked for (one pool serves filter and tokenize alike)
+    env.update(RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return {"distributed.nanny.pre-spawn-environ": env,
             "distributed.worker.profile.interval": "100ms",
             "distributed.admin.tick.interval": "500ms",
@@ -95,60 +99,145 @@ def _security(address: str, tls: dict | None):
                     require_encryption=True)
 
 
+def _worker_class(processes: bool):
+    """Dask's Nanny (a worker process) or Worker (a thread here), without the per-worker dashboard:
+    LocalCluster turns that on whenever it is given the worker HTTP address (which keeps the health
+    and metrics server on loopback), and its plotting imports cost every worker about 1.5 s of CPU at
+    start-up, on the path to its first task. The scheduler's dashboard is not affected."""
+    import distributed
+
+    base = distributed.Nanny if processes else distributed.Worker
+
+    class WithoutDashboard(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "dashboard": False})
+
+    WithoutDashboard.__name__ = WithoutDashboard.__qualname__ = f"{base.__name__}WithoutDashboard"
+    return WithoutDashboard
+
+
+class WorkerPool:
+    """The Dask workers of a run, started in the background and reusable by several stages.
+
+        pool = WorkerPool(workers=16)        # returns at once; the cluster starts in a thread
+        ...                                   # the driver discovers shards and hashes models meanwhile
+        client = pool.client()                # waits for the cluster (raises what its start raised)
+        run_filter(..., pool=pool); tokenize_dir(..., pool=pool)     # the same workers for both
+        pool.close()
+
+    `scheduler` (e.g. tcp://host:8786) attaches to a running cluster; otherwise a LocalCluster of
+    `workers` processes with one thread each is started (scorers such as fastText and KenLM hold the
+    GIL, so processes, not threads, give the parallelism). One local worker (the default) is a thread
+    of this process instead, as datatrove's local executor runs one task: with nothing to
+    parallelise, a worker process would only add a second interpreter start, a second copy of every
+    model and a round trip per shard (about 1 s of a 13 s run on one core).
+
+    `dashboard`: None (the default) serves one for a cluster of worker processes and shows a remote
+    scheduler's; for the single in-process worker it is off unless asked for (True): there is one
+    thread to watch, and importing the dashboard's plotting library costs about 1.5 s of CPU, a
+    tenth of filtering 200 MB on one core.
+    """
+
+    def __init__(self, workers: int | None = None, scheduler: str | None = None, *, quiet: bool = False,
+                 dashboard: bool | None = None, tls: dict | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # argument errors are raised here, at once, not when the client is first needed
+        if scheduler:
+            self._address = check_scheduler_address(scheduler)
+            self._security = _security(self._address, tls)
+        else:
+            n = 1 if workers is None else workers
+            if n < 1:
+                raise CurateError(f"--workers must be at least 1, got {n}")
+            if tls:
+                raise CurateError("--tls-* options are for --scheduler tls://...; a local cluster stays on 127.0.0.1")
+        self.workers, self.scheduler, self.quiet = workers, scheduler, quiet
+        self._auto_dashboard = dashboard is None
+        self.dashboard = dashboard if dashboard is not None else bool(scheduler) or (workers or 1) > 1
+        self._cluster = None
+        self._client: "distributed.Client | None" = None
+        self._starter = ThreadPoolExecutor(1, thread_name_prefix="curate-pool")
+        self._started = self._starter.submit(self._start)
+
+    def _start(self) -> "distributed.Client":
+        import dask
+        import distributed
+        from distributed.security import Security
+
+        if self.scheduler:
+            try:
+                client = distributed.Client(self._address, timeout="30s", security=self._security)
+            except (OSError, ValueError) as e:
+                raise CurateError(f"cannot reach the Dask scheduler at {self.scheduler}: {e}. "
+                                  "Start one with `dask scheduler` and workers with `dask worker ADDRESS`.") from e
+        else:
+            n = self.workers or 1
+            with dask.config.set(_local_cluster_config()):
+                # scheduler, workers and nannies listen on loopback only, as does the dashboard (one worker
+                # is a thread talking to the scheduler in-process: no port at all)
+                # TLS with a throw-away certificate of this run: a process of another local user that
+                # finds the port cannot join as a client (a client can run code on the workers)
+                where = {"host": LOOPBACK, "security": Security.temporary()} if n > 1 else {}
+                self._cluster = distributed.LocalCluster(
+                    n_workers=n, threads_per_worker=1, processes=n > 1, **where,
+                    worker_class=_worker_class(processes=n > 1),
+                    # Dask's HTTP servers (health, metrics) run even without the dashboard, on
+                    # 0.0.0.0 unless told otherwise
+                    dashboard_address=f"{LOOPBACK}:0", scheduler_kwargs={"dashboard": self.dashboard},
+                    worker_dashboard_address=f"{LOOPBACK}:0", silence_logs=logging.ERROR)
+            try:
+                client = distributed.Client(self._cluster)
+            except BaseException:
+                self._cluster.close()          # otherwise its worker processes outlive us
+                raise
+        if not self.quiet:
+            nw = len(client.scheduler_info().get("workers", {}))
+            link = (client.dashboard_link if self.dashboard
+                    else "off (one in-process worker)" if self._auto_dashboard else "off (--no-dashboard)")
+            print(f"dask: {nw} worker(s), dashboard {link}", file=sys.stderr)
+        return client
+
+    def client(self) -> "distributed.Client":
+        """The connected client, once the cluster has started."""
+        if self._client is None:
+            self._client = self._started.result()
+        return self._client
+
+    def close(self) -> None:
+        try:
+            client = self._started.result()
+        except BaseException:       # it never started: nothing to close
+            client = None
+        finally:
+            self._starter.shutdown()
+        if client is not None:
+            client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def pool_client(pool: WorkerPool | None, **start) -> Iterator["distributed.Client"]:
+    """The client of `pool` (left running for the caller), or of a pool started here for this
+    stage alone with `start`'s arguments (closed at the end)."""
+    if pool is not None:
+        yield pool.client()
+        return
+    with WorkerPool(**start) as own:
+        yield own.client()
+
+
 @contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None, quiet: bool = False,
-                dashboard: bool = True, tls: dict | None = None) -> Iterator["distributed.Client"]:
-    """Yield a connected `distributed.Client`.
-
-    `scheduler` (e.g. tcp://host:8786) attaches to a running cluster; otherwise a LocalCluster
-    of `workers` processes with one thread each is started (scorers such as fastText and KenLM
-    hold the GIL, so processes, not threads, give the parallelism). One local worker (the default)
-    is a thread of this process instead, as datatrove's local executor runs one task: with nothing
-    to parallelise, a worker process would only add a second interpreter start, a second copy of
-    every model and a round trip per shard (about 1 s of a 13 s run on one core).
-    """
-    import dask
-    import distributed
-    from distributed.security import Security
-
-    if scheduler:
-        address = check_scheduler_address(scheduler)
-        security = _security(address, tls)
-        try:
-            client = distributed.Client(address, timeout="30s", security=security)
-        except (OSError, ValueError) as e:
-            raise CurateError(f"cannot reach the Dask scheduler at {scheduler}: {e}. "
-                              "Start one with `dask scheduler` and workers with `dask worker ADDRESS`.") from e
-        cluster = None
-    else:
-        n = 1 if workers is None else workers
-        if n < 1:
-            raise CurateError(f"--workers must be at least 1, got {n}")
-        if tls:
-            raise CurateError("--tls-* options are for --scheduler tls://...; a local cluster stays on 127.0.0.1")
-        with dask.config.set(_local_cluster_config()):
-            # scheduler, workers and nannies listen on loopback only, as does the dashboard (one worker
-            # is a thread talking to the scheduler in-process: no port at all)
-            # TLS with a throw-away certificate of this run: a process of another local user that
-            # finds the port cannot join as a client (a client can run code on the workers)
-            where = {"host": LOOPBACK, "security": Security.temporary()} if n > 1 else {}
-            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=n > 1, **where,
-                                               # Dask's HTTP servers (health, metrics) run even without
-                                               # the dashboard, on 0.0.0.0 unless told otherwise
-                                               dashboard_address=f"{LOOPBACK}:0", scheduler_kwargs={"dashboard": dashboard},
-                                               worker_dashboard_address=f"{LOOPBACK}:0", silence_logs=logging.ERROR)
-        try:
-            client = distributed.Client(cluster)
-        except BaseException:
-            cluster.close()          # otherwise its worker processes outlive us
-            raise
-    try:
-        if not quiet:
-            nw = len(client.scheduler_info().get("workers", {}))
-            link = client.dashboard_link if dashboard or scheduler else "off (--no-dashboard)"
-            print(f"dask: {nw} worker(s), dashboard {link}", file=sys.stderr)
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+                dashboard: bool | None = None, tls: dict | None = None) -> Iterator["distributed.Client"]:
+    """A connected `distributed.Client` of a WorkerPool started for the `with` block."""
+    with WorkerPool(workers, scheduler, quiet=quiet, dashboard=dashboard, tls=tls) as pool:
+        yield pool.client()

@@ -1,36 +1,39 @@
-"""`curate filter INPUT... --out DIR`: score and filter shards on Dask, one task per shard.
+"""`curate filter INPUT... --out DIR`: score and filter shards on Dask.
 
-The driver validates everything it can before any shard is read (inputs exist, the config is
-valid, the model files exist; then every worker loads the models), then submits one
-`stages.process_shard` task per shard that is not already done with the same config hash, shows
-progress, and finally aggregates the shard manifests into DIR/manifest.json. It knows no concrete
-filter: the chain comes from `filters.config.build_filters` and the output columns from the chain's
-`columns`.
+The workers start in the background (`cluster.WorkerPool`) while the driver validates everything it
+can before any shard is read (inputs exist, the config is valid, the model files exist); then every
+worker loads the models, and the shards not already done with the same config hash run as a shard
+stage (`shard_stage.run_shards` with `stages.FilterStage`: small shards grouped into tasks, one
+failure protocol shared with `curate tokenize`). Finally the driver aggregates the shard manifests
+into DIR/manifest.json and writes DIR/stats.json from the scores the tasks returned. It knows no
+concrete filter: the chain comes from `filters.config.build_filters` and the output columns from the
+chain's `columns`.
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import time
-import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 from common.config import add_print_config_argument
 from filters.config import FilterConfig, build_filters, commented_config, load_filter_config
 from common.errors import CurateError
-from common.progress import Progress, add_progress_argument
+from common.progress import add_progress_argument
 from common.files import temporary_path
 from pipeline import calibrate
-from pipeline.cluster import add_tls_arguments, dask_client, tls_options
+from pipeline.cluster import WorkerPool, add_tls_arguments, tls_options
 from pipeline.inspect import write_stats
 from pipeline.domains import DatasetManifest, load_dataset_manifest
-from pipeline.manifest import (Tally, adds_up, model_hashes, package_versions, read_shard_manifest,
-                               shard_manifest_path, write_json)
+from pipeline.manifest import Tally, adds_up, model_hashes, package_versions, read_shard_manifest, write_json
 from pipeline.readers import MAX_LINE_BYTES, Shard, discover_shards
-from pipeline.stages import load_on_workers, process_shard, run_hash
-from pipeline.writers import OutputLock, remove_shard_outputs, remove_temporaries, score_columns
+from pipeline.shard_stage import failure_report, run_shards
+from pipeline.stages import FilterStage, load_on_workers, run_hash
+from pipeline.writers import OutputLock, remove_temporaries, score_columns
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -49,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
                    help="a longer input line is skipped to its newline as malformed:line_too_long "
                         f"(default: {MAX_LINE_BYTES >> 20} MiB); it also bounds the memory one line takes")
-    p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
-                   help="serve the Dask dashboard of a local cluster on 127.0.0.1 (default: on)")
+    p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve the Dask dashboard of a local cluster on 127.0.0.1 (default: on with --workers 2 "
+                        "or more, off for the single in-process worker)")
     add_tls_arguments(p)
 
 
@@ -62,51 +66,57 @@ def run(args: argparse.Namespace) -> int:
     removed = ", ".join(f"{k} {v}" for k, v in t["removed"].items()) or "none"
     print(f"{t['docs_in']} documents in, {t['kept']} kept, removed: {removed}, malformed {t['malformed']}; "
           f"shards {sh['done']} done ({sh['skipped']} already done), {sh['failed']} failed -> {args.out}")
-    for f in m["failed"]:
-        print(f"failed shard {f['shard']}: {f['error']}", file=sys.stderr)
-    return 1 if m["failed"] else 0
-
-
-def _failed_manifest(shard: Shard, h: str, error: str) -> dict:
-    return {"shard": shard.id, "source": shard.url, "status": "failed", "error": error, "config_hash": h,
-            **Tally().to_dict(), "bytes_read": 0, "file_bytes": shard.size, "duration_s": 0.0,
-            "outputs": [], "warnings": []}
+    if m["failed"]:
+        print(f"curate filter: {failure_report([(f['shard'], f['error']) for f in m['failed']])}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_filter(inputs: list[str], out: str | Path, config: str | None = None, workers: int | None = None,
                scheduler: str | None = None, dataset: str | None = None, force: bool = False,
-               progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES, dashboard: bool = True,
-               tls: dict | None = None) -> dict:
-    """Run the filter stage; returns the run manifest (also written to OUT/manifest.json)."""
+               progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES, dashboard: bool | None = None,
+               tls: dict | None = None, pool: WorkerPool | None = None) -> dict:
+    """Run the filter stage; returns the run manifest (also written to OUT/manifest.json).
+
+    With `pool` the run uses those workers and leaves them running (another stage may follow);
+    otherwise it starts its own (`workers`, `scheduler`, `dashboard`, `tls`) in the background, while
+    it checks its inputs, and stops them at the end."""
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise CurateError(f"--workers must be at least 1, got {workers}")
     if max_line_bytes < 1:
         raise CurateError(f"--max-line-bytes must be at least 1, got {max_line_bytes}")
     cfg = load_filter_config(config)
-    ds = load_dataset_manifest(dataset)
-    shards = discover_shards(list(inputs), ds)
-    out_dir = Path(out).resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CurateError(f"--out {out} exists and is not a directory")
-    # hashing the models (cached) also fails here, naming the file, when one is missing
-    models = model_hashes([f.describe() for f in build_filters(cfg)])
-    # before any work: --out must be writable, and no other run may be writing into it
-    created = not out_dir.exists()
+    own = pool is None
+    if own:     # starting workers takes seconds: let them start while the driver checks its inputs
+        pool = WorkerPool(workers, scheduler, dashboard=dashboard, tls=tls)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CurateError(f"cannot create --out {out}: {e.strerror}") from e
-    lock = OutputLock(out_dir, "curate filter")
-    try:
-        lock.acquire()
-        _check_writable(out_dir)
-        return _run(inputs, out_dir, cfg, ds, shards, models, t0, workers=workers, scheduler=scheduler,
-                    force=force, progress=progress, max_line_bytes=max_line_bytes, dashboard=dashboard, tls=tls)
+        ds = load_dataset_manifest(dataset)
+        shards = discover_shards(list(inputs), ds)
+        out_dir = Path(out).resolve()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CurateError(f"--out {out} exists and is not a directory")
+        # hashing the models (cached) also fails here, naming the file, when one is missing
+        models = model_hashes([f.describe() for f in build_filters(cfg)])
+        # before any work: --out must be writable, and no other run may be writing into it
+        created = not out_dir.exists()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CurateError(f"cannot create --out {out}: {e.strerror}") from e
+        lock = OutputLock(out_dir, "curate filter")
+        try:
+            lock.acquire()
+            _check_writable(out_dir)
+            return _run(inputs, out_dir, cfg, ds, shards, models, t0, pool.client(), force=force,
+                        progress=progress, max_line_bytes=max_line_bytes)
+        finally:
+            lock.release()
+            if created and not any(out_dir.iterdir()):     # a run stopped by a start-up check leaves nothing
+                out_dir.rmdir()
     finally:
-        lock.release()
-        if created and not any(out_dir.iterdir()):     # a run stopped by a start-up check leaves nothing
-            out_dir.rmdir()
+        if own:
+            pool.close()
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -123,74 +133,50 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifest, shards: list[Shard],
-         models: dict[str, str], t0: float, *, workers: int | None, scheduler: str | None, force: bool,
-         progress: bool, max_line_bytes: int, dashboard: bool, tls: dict | None) -> dict:
-    from distributed import as_completed
+         models: dict[str, str], t0: float, client, *, force: bool, progress: bool, max_line_bytes: int) -> dict:
+    timings = {"workers_ready_s": round(time.perf_counter() - t0, 3)}
+    # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
+    # so the manifest and a re-run see the same thresholds (cached beside the output). When they
+    # are already known, the workers load the final chain once.
+    h = run_hash(cfg, models, ds, max_line_bytes)
+    calibrate.check_domains(cfg, ds)
+    resolved = calibrate.known(cfg, shards, h, out_dir / "calibration.json")
+    if resolved is not None:
+        cfg, h = resolved, run_hash(resolved, models, ds, max_line_bytes)
+    # every worker loads the models before any shard is read (or anything is written): a
+    # corrupt model stops the run here
+    load_on_workers(client, cfg, h)
+    timings["models_loaded_s"] = round(time.perf_counter() - t0, 3)
+    remove_temporaries(out_dir)
+    if resolved is None:
+        cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json",
+                                progress=progress, max_line_bytes=max_line_bytes)
+        h = run_hash(cfg, models, ds, max_line_bytes)      # calibration changes thresholds, not model files
+    chain = build_filters(cfg)
+    descriptions = [f.describe() for f in chain]
+    columns = score_columns([c for f in chain for c in f.columns])
+    stage = FilterStage(cfg, ds, str(out_dir), h, columns, max_line_bytes)
 
-    with dask_client(workers=workers, scheduler=scheduler, dashboard=dashboard, tls=tls) as client:
-        # drop_fraction settings become concrete per-domain thresholds before the config is hashed,
-        # so the manifest and a re-run see the same thresholds (cached beside the output). When they
-        # are already known, the workers load the final chain once.
-        h = run_hash(cfg, models, ds, max_line_bytes)
-        calibrate.check_domains(cfg, ds)
-        resolved = calibrate.known(cfg, shards, h, out_dir / "calibration.json")
-        if resolved is not None:
-            cfg, h = resolved, run_hash(resolved, models, ds, max_line_bytes)
-        # every worker loads the models before any shard is read (or anything is written): a
-        # corrupt model stops the run here
-        load_on_workers(client, cfg, h)
-        remove_temporaries(out_dir)
-        if resolved is None:
-            cfg = calibrate.resolve(cfg, shards, ds, client, run_key=h, cache=out_dir / "calibration.json",
-                                    progress=progress, max_line_bytes=max_line_bytes)
-            h = run_hash(cfg, models, ds, max_line_bytes)      # calibration changes thresholds, not model files
-        chain = build_filters(cfg)
-        descriptions = [f.describe() for f in chain]
-        columns = score_columns([c for f in chain for c in f.columns])
-
-        results: dict[str, dict] = {}
-        todo = []
-        for s in shards:
-            prev = None if force else read_shard_manifest(out_dir, s.id)
-            if prev and prev.get("status") == "done" and prev.get("config_hash") == h:
-                results[s.id] = prev
-            else:
-                todo.append(s)
-        skipped = len(results)
-        ids = {s.id for s in shards}
-        foreign = sorted(p.stem for p in (out_dir / "shards").glob("*.json") if p.stem not in ids)
-        if foreign:
-            print(f"warning: {out_dir} also holds the outputs of {len(foreign)} shard(s) that are not among these "
-                  f"inputs (e.g. {foreign[0]}); they are left alone and not counted. Use a fresh --out to avoid "
-                  "mixing them into later stages.", file=sys.stderr)
-        run_id = uuid.uuid4().hex[:8]
-        # biggest shards first: the last task to finish is then a small one
-        todo.sort(key=lambda s: -(s.size or 0))
-        t_submit = time.perf_counter()
-        futures = {client.submit(process_shard, s, cfg, ds, str(out_dir), h, columns, max_line_bytes,
-                                 key=f"curate-filter-{run_id}-{s.id}", retries=2): s for s in todo}
-        bar = Progress(len(shards), "filter", unit="shard", initial=skipped, enabled=progress)
-        for fut in as_completed(futures):
-            bar.update(1)
-            s = futures[fut]
-            try:
-                results[s.id] = fut.result()
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-                client.cancel(list(futures))
-                remove_temporaries(out_dir)
-                raise CurateError(f"the disk holding --out {out_dir} is full ({e}); free some space and run "
-                                  "again: the shards already finished are kept and not redone") from e
-            except Exception as e:  # the task failed on every attempt (a filter raised, its workers died)
-                err = f"{type(e).__name__}: {e}"
-                remove_shard_outputs(out_dir, s.id)
-                results[s.id] = _failed_manifest(s, h, err)
-                write_json(shard_manifest_path(out_dir, s.id), results[s.id])
-        bar.close()
-        process_s = time.perf_counter() - t_submit
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        address = client.scheduler.address if client.scheduler else None
+    results: dict[str, dict] = {}
+    todo = []
+    for s in shards:
+        prev = None if force else read_shard_manifest(out_dir, s.id)
+        if stage.is_done(stage.task(s), prev):
+            results[s.id] = prev
+        else:
+            todo.append(s)
+    skipped = set(results)
+    ids = {s.id for s in shards}
+    foreign = sorted(p.stem for p in (out_dir / "shards").glob("*.json") if p.stem not in ids)
+    if foreign:
+        print(f"warning: {out_dir} also holds the outputs of {len(foreign)} shard(s) that are not among these "
+              f"inputs (e.g. {foreign[0]}); they are left alone and not counted. Use a fresh --out to avoid "
+              "mixing them into later stages.", file=sys.stderr)
+    timings["submitted_s"] = round(time.perf_counter() - t0, 3)
+    done = run_shards(client, stage, [stage.task(s) for s in todo], progress=progress, skipped=len(skipped))
+    results.update(done.markers)
+    n_workers = len(client.scheduler_info().get("workers", {}))
+    address = client.scheduler.address if client.scheduler else None
 
     # a retried task's first attempt may have left a temporary file behind when its worker died
     remove_temporaries(out_dir)
@@ -206,7 +192,7 @@ def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifes
     totals = tally.to_dict()
     if not adds_up(totals):
         raise RuntimeError(f"counts do not add up: {totals}")   # a bug, never a user error
-    wall = time.perf_counter() - t0
+    timings["processed_s"] = round(time.perf_counter() - t0, 3)
     manifest = {
         "kind": "filter",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -218,17 +204,40 @@ def _run(inputs: list[str], out_dir: Path, cfg: FilterConfig, ds: DatasetManifes
         "packages": package_versions(),
         "cluster": {"scheduler": address, "workers": n_workers},
         "shards": {"total": len(shards), "done": len(shards) - len(failed), "failed": len(failed),
-                   "skipped": skipped},
+                   "skipped": len(skipped)},
         "failed": failed,
         "other_shards_in_out": foreign,
         "totals": totals,
         "bytes_read": bytes_read,
-        "wall_s": round(wall, 3),
-        "process_s": round(process_s, 3),     # from the first task submitted to the last result
-        "docs_per_s": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
+        "process_s": round(done.seconds, 3),     # from the first task submitted to the last result
+        "timings": timings,                      # seconds since the start of the run
     }
+    # per-filter statistics (pipeline/inspect.py) from the scores the tasks returned; only the shards
+    # whose scores did not come back (done by an earlier run, or by an attempt of a retried task) are read
+    values = _score_values(out_dir, columns, [results[s.id] for s in shards if s.id not in done.extras], done.extras)
+    write_stats(out_dir, values, manifest)
+    wall = time.perf_counter() - t0
+    manifest.update(wall_s=round(wall, 3), docs_per_s=round(totals["docs_in"] / wall, 1) if wall > 0 else None)
+    manifest["timings"]["finished_s"] = round(wall, 3)
     write_json(out_dir / "manifest.json", manifest)
-    write_stats(out_dir)          # per-filter statistics (pipeline/inspect.py), from the outputs
     for warning in calibrate.overshoot(cfg, totals):
         print(warning, file=sys.stderr)
     return manifest
+
+
+def _score_values(out_dir: Path, columns: Sequence[str], earlier: list[dict], extras: dict) -> dict[str, np.ndarray]:
+    """Every score column's values over the run's documents: what this run's tasks returned, and
+    for the shards an earlier run did, read back from their outputs (score columns only)."""
+    import pyarrow.parquet as pq
+
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for scores in extras.values():
+        for c in columns:
+            parts[c].append(scores[c])
+    for m in earlier:
+        for rel in m.get("outputs", []):
+            t = pq.ParquetFile(out_dir / rel).read(columns=list(columns))
+            for c in columns:
+                v = t.column(c).to_numpy().astype(np.float64, copy=False)
+                parts[c].append(v[~np.isnan(v)])
+    return {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}

@@ -171,21 +171,23 @@ def samples(out_dir: str | Path, n: int = 5, domain: str | None = None, reason: 
     return out
 
 
-def filter_stats(out_dir: str | Path) -> dict:
+def filter_stats(out_dir: str | Path, values: dict[str, np.ndarray] | None = None, m: dict | None = None) -> dict:
     """Per reason: documents removed (total, per domain); per score column, over the documents it
-    scored: count, mean, min, quantiles, max (like datatrove's stats.json)."""
+    scored: count, mean, min, quantiles, max (like datatrove's stats.json). `values` (column -> the
+    scores, as `curate filter` has them in memory) and `m` (the run manifest) are read from the
+    output when not given."""
     out_dir = Path(out_dir)
-    m = manifest(out_dir)
+    m = manifest(out_dir) if m is None else m
     t = m["totals"]
     columns = score_columns(m)
-    table = scores_table(out_dir, columns, m=m)
+    values = _score_values(out_dir, columns, m) if values is None else values
     stats: dict = {"docs_in": t["docs_in"], "kept": t["kept"], "malformed": t["malformed"], "reasons": {},
                    "scores": {}}
     for r, n in sorted(t["removed"].items()):
         stats["reasons"][r] = {"removed": n, "by_domain": {d: c["removed"].get(r, 0)
                                                            for d, c in sorted(t["by_domain"].items())}}
     for col in columns:
-        x = table[col].to_numpy(dtype=np.float64)
+        x = np.sort(values[col])     # sorted: the mean does not depend on the order the shards came in
         x = x[~np.isnan(x)]
         if x.size:
             q = np.quantile(x, [0.1, 0.5, 0.9])
@@ -194,9 +196,23 @@ def filter_stats(out_dir: str | Path) -> dict:
     return stats
 
 
-def write_stats(out_dir: str | Path) -> Path:
+def _score_values(out_dir: Path, columns: list[str], m: dict) -> dict[str, np.ndarray]:
+    """Every output file's score columns, concatenated (null -> NaN). Arrow alone, without pandas:
+    `curate filter` calls this at the end of every run, over one file per domain per shard."""
+    import pyarrow.parquet as pq
+
+    kept, rejected = _files(out_dir, m)
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for path in kept + rejected:
+        t = pq.ParquetFile(path).read(columns=columns)       # ParquetFile: far less set-up than read_table
+        for c in columns:
+            parts[c].append(t.column(c).to_numpy().astype(np.float64, copy=False))
+    return {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
+
+
+def write_stats(out_dir: str | Path, values: dict[str, np.ndarray] | None = None, m: dict | None = None) -> Path:
     path = Path(out_dir) / "stats.json"
-    write_atomic(path, json.dumps(filter_stats(out_dir), indent=1).encode())
+    write_atomic(path, json.dumps(filter_stats(out_dir, values, m), indent=1).encode())
     return path
 
 

@@ -1,9 +1,11 @@
-"""The per-shard Dask task: read -> score in batches -> write Parquet -> write the shard manifest.
+"""The filter stage's work on a worker: read a shard -> score in batches -> write Parquet.
 
-`process_shard` runs on a worker. The filter chain is built and its models loaded once per worker
-(cached on the worker, keyed by `run_hash`: the filter settings and the models' contents) rather
-than once per shard, since loading a KenLM or fastText model costs far more than scoring a shard of
-a few thousand lines. `load_on_workers` does that loading up front, as the run's start-up check.
+`FilterStage` is the stage `pipeline.shard_stage.run_shards` runs (its protocol: markers, failures,
+retries, grouping); `process_shard` does one shard. The filter chain is built and its models loaded
+once per worker (cached on the worker, keyed by `run_hash`: the filter settings and the models'
+contents) rather than once per shard, since loading a KenLM or fastText model costs far more than
+scoring a shard of a few thousand lines. `load_on_workers` does that loading up front, as the run's
+start-up check.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +23,10 @@ from filters.base import DocumentFilter
 from filters.config import FilterConfig, build_filters
 from common.errors import CurateError
 from pipeline.domains import DatasetManifest
-from pipeline.manifest import MALFORMED, Tally, shard_manifest_path, write_json
+from pipeline.manifest import MALFORMED, Tally, shard_manifest_path
 from pipeline.readers import MAX_LINE_BYTES, Record, Shard, ShardReadError, read_shard
-from pipeline.writers import ShardOutput
+from pipeline.shard_stage import ShardTask
+from pipeline.writers import ShardOutput, remove_shard_outputs
 
 BATCH_BYTES = 32 << 20     # also cut a batch at this much text, so a batch of books stays bounded
 
@@ -120,8 +124,11 @@ def score_batch(chain: Sequence[DocumentFilter], texts: list[str], domains: list
 
 
 def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out_dir: str,
-                  run_key: str, columns: Sequence[str], max_line_bytes: int = MAX_LINE_BYTES) -> dict:
-    """Filter one shard; returns its manifest (also written, last, to shards/<id>.json).
+                  run_key: str, columns: Sequence[str], max_line_bytes: int = MAX_LINE_BYTES
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Filter one shard; returns its manifest (the shard stage writes it, last) and the values of
+    every score column over the documents it scored (for the run's stats.json, without reading the
+    outputs back).
 
     A stream that breaks part-way still gets what was read scored and written, and the shard is
     marked failed with the error. Any other exception removes this attempt's temporary files and
@@ -136,6 +143,7 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
     batch: list[Record] = []
     malformed: list[Record] = []     # written in batches too: a shard can be all malformed lines
     batch_bytes = 0
+    scored: dict[str, list[np.ndarray]] = {c: [] for c in columns}
 
     def flush() -> None:
         nonlocal batch_bytes
@@ -144,6 +152,9 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
             out.add_batch(batch, scores, reasons)
             for rec, reason in zip(batch, reasons):
                 tally.count(rec.domain, reason)
+            for c, v in scores.items():
+                if c in scored:
+                    scored[c].append(v[~np.isnan(v)])
         if malformed:
             reasons = [MALFORMED + r.malformed for r in malformed]
             out.add_batch(malformed, {}, reasons)
@@ -183,5 +194,40 @@ def process_shard(shard: Shard, cfg: FilterConfig, dataset: DatasetManifest, out
         "outputs": outputs,
         "warnings": ["empty file: no lines"] if lines == 0 and error is None else [],
     }
-    write_json(shard_manifest_path(out_dir, shard.id), manifest)
-    return manifest
+    return manifest, {c: np.concatenate(v) if v else np.empty(0) for c, v in scored.items()}
+
+
+def failed_manifest(shard: Shard, run_key: str, error: str) -> dict:
+    """The manifest of a shard that produced nothing (its outputs of an earlier run are removed
+    by FilterStage.failed)."""
+    return {"shard": shard.id, "source": shard.url, "status": "failed", "error": error, "config_hash": run_key,
+            **Tally().to_dict(), "bytes_read": 0, "file_bytes": shard.size, "duration_s": 0.0,
+            "outputs": [], "warnings": []}
+
+
+@dataclass(frozen=True)
+class FilterStage:
+    """`curate filter` as a shard stage (pipeline.shard_stage): one task payload is a Shard."""
+
+    cfg: FilterConfig
+    dataset: DatasetManifest
+    out_dir: str
+    config_hash: str
+    columns: tuple[str, ...]
+    max_line_bytes: int = MAX_LINE_BYTES
+    name: str = "filter"
+
+    def task(self, shard: Shard) -> ShardTask:
+        return ShardTask(id=shard.id, marker=str(shard_manifest_path(Path(self.out_dir), shard.id)),
+                         size=shard.size or 0, payload=shard)
+
+    def process(self, task: ShardTask) -> tuple[dict, dict[str, np.ndarray]]:
+        return process_shard(task.payload, self.cfg, self.dataset, self.out_dir, self.config_hash, self.columns,
+                             self.max_line_bytes)
+
+    def is_done(self, task: ShardTask, marker: dict | None) -> bool:
+        return bool(marker) and marker.get("status") == "done" and marker.get("config_hash") == self.config_hash
+
+    def failed(self, task: ShardTask, error: str) -> dict:
+        remove_shard_outputs(Path(self.out_dir), task.id)
+        return failed_manifest(task.payload, self.config_hash, error)

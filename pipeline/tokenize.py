@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,9 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import CurateError
-from common.progress import Progress, add_progress_argument
+from common.progress import add_progress_argument
+from common.files import temporary_path
+from pipeline.cluster import WorkerPool, pool_client
 from pipeline.manifest import read_json_object, write_json
-from common.files import temporary_path, write_atomic
+from pipeline.shard_stage import ShardTask, failure_report, run_shards
 from pipeline.writers import remove_temporaries
 
 FORMAT_VERSION = 1
@@ -70,9 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = tokenize_dir(args.dir, args.tokenizer, args.out, eval_tokens=args.eval_tokens,
-                            batch_docs=args.batch_docs, workers=args.workers, scheduler=args.scheduler,
-                            progress=args.progress)
+    try:
+        manifest = tokenize_dir(args.dir, args.tokenizer, args.out, eval_tokens=args.eval_tokens,
+                                batch_docs=args.batch_docs, workers=args.workers, scheduler=args.scheduler,
+                                progress=args.progress)
+    except ShardsFailed as e:        # the run finished; some shards did not (exit 1, as curate filter)
+        print(f"curate tokenize: {e}", file=sys.stderr)
+        return 1
     t = manifest["totals"]
     print(f"tokenized {t['docs']:,} documents: {t['train_tokens']:,} training and {t['eval_tokens']:,} "
           f"evaluation tokens in {len(manifest['domains'])} domains -> {args.out}")
@@ -99,19 +104,41 @@ def _marker(prefix: str | Path) -> Path:
     return Path(f"{prefix}.json")
 
 
-def tokenize_shard(job: ShardJob) -> dict:
-    """Encode one Parquet file (runs on a Dask worker). Returns its marker; never raises for bad
-    input: a failure is written to the marker with the error, so the driver can report it."""
-    start = time.perf_counter()
-    try:
+@dataclass(frozen=True)
+class TokenizeStage:
+    """`curate tokenize` as a shard stage (pipeline.shard_stage): one task payload is a ShardJob; its
+    marker is TOKDIR/shards/<domain>/<shard>.json."""
+
+    out_dir: str
+    config_hash: str
+    name: str = "tokenize"
+
+    @staticmethod
+    def task(job: ShardJob) -> ShardTask:
+        return ShardTask(id=f"{job.domain}/{job.shard_id}", marker=str(_marker(job.prefix)),
+                         size=int(job.input_fingerprint.get("size", 0)), payload=job)
+
+    def process(self, task: ShardTask) -> tuple[dict, None]:
+        job: ShardJob = task.payload
+        start = time.perf_counter()
         stats = _encode_shard(job)
-        marker = {"status": "done", **stats}
-    except Exception as e:  # recorded in the shard marker and reported by the driver, not swallowed
-        marker = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    marker.update(domain=job.domain, shard=job.shard_id, input=job.parquet, config_hash=job.config_hash,
-                  input_fingerprint=job.input_fingerprint, seconds=round(time.perf_counter() - start, 3))
-    write_atomic(_marker(job.prefix), json.dumps(marker, indent=2).encode())
-    return marker
+        return {"status": "done", "error": None, **stats, **self._about(job),
+                "seconds": round(time.perf_counter() - start, 3)}, None
+
+    def is_done(self, task: ShardTask, marker: dict | None) -> bool:
+        job: ShardJob = task.payload
+        return bool(marker) and marker.get("status") == "done" and marker.get("config_hash") == self.config_hash \
+            and marker.get("input_fingerprint") == job.input_fingerprint and _outputs_exist(job.prefix)
+
+    def failed(self, task: ShardTask, error: str) -> dict:
+        # _encode_shard removes its temporaries; finished files of an earlier run stay, but the
+        # marker says failed, so the shard is redone and _finalize is never reached
+        return {"status": "failed", "error": error, **self._about(task.payload)}
+
+    @staticmethod
+    def _about(job: ShardJob) -> dict:
+        return {"domain": job.domain, "shard": job.shard_id, "input": job.parquet,
+                "input_fingerprint": job.input_fingerprint}
 
 
 def _encode_shard(job: ShardJob) -> dict:
@@ -200,8 +227,11 @@ def find_inputs(src: Path) -> list[tuple[str, str, Path]]:
 
 def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_tokens: int = DEFAULT_EVAL_TOKENS,
                  batch_docs: int = DEFAULT_BATCH_DOCS, workers: int | None = None,
-                 scheduler: str | None = None, quiet: bool = False, progress: bool = True) -> dict:
-    """The whole stage; returns the manifest it wrote."""
+                 scheduler: str | None = None, quiet: bool = False, progress: bool = True,
+                 pool: WorkerPool | None = None) -> dict:
+    """The whole stage; returns the manifest it wrote. With `pool` (cluster.WorkerPool) the shards
+    run on those workers, left running for a next stage; otherwise on workers started for this
+    stage. Raises ShardsFailed when some shards failed (the others are done and kept)."""
     from pipeline.tokenizer_io import parse_train_spec
 
     src, out = Path(src), Path(out)
@@ -224,6 +254,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
               "bos_id": tok.bos_id if tok.add_bos else None, "dtype": dtype}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
+    stage = TokenizeStage(out_dir=str(out), config_hash=config_hash)
     jobs, markers = [], {}
     for domain, shard, path in inputs:
         st = path.stat()
@@ -232,8 +263,7 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
                        eos_id=tok.eos_id, bos_id=config["bos_id"], dtype=dtype, config_hash=config_hash,
                        input_fingerprint={"size": st.st_size, "mtime_ns": st.st_mtime_ns}, batch_docs=batch_docs)
         done = _read_marker(job.prefix)
-        if (done and done.get("status") == "done" and done.get("config_hash") == config_hash
-                and done.get("input_fingerprint") == job.input_fingerprint and _outputs_exist(job.prefix)):
+        if stage.is_done(stage.task(job), done):
             markers[(domain, shard)] = done
         else:
             jobs.append(job)
@@ -245,14 +275,20 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
     if jobs:
         # manifest.json marks a complete output: a reader must not pair an old one with new shards
         (out / "manifest.json").unlink(missing_ok=True)
-        done, encode_seconds = _run_jobs(jobs, workers, scheduler, quiet, progress and not quiet)
-        markers.update(done)
+        tokens = [0]
+
+        def fields(marker: dict) -> dict:
+            tokens[0] += marker["tokens"]
+            return {"tokens": tokens[0]}
+
+        with pool_client(pool, workers=workers, scheduler=scheduler, quiet=quiet) as client:
+            done = run_shards(client, stage, [stage.task(j) for j in jobs], progress=progress and not quiet,
+                              skipped=len(markers), fields=fields)
+        markers.update({(m["domain"], m["shard"]): m for m in done.markers.values()})
+        encode_seconds = done.seconds
+        if done.failed:
+            raise ShardsFailed(failure_report(done.failed))
     seconds = time.perf_counter() - start
-    failed = [m for m in markers.values() if m["status"] != "done"]
-    if failed:
-        lines = "\n".join(f"  {m['domain']}/{m['shard']}: {m['error']}" for m in failed)
-        raise CurateError(f"{len(failed)} shard(s) failed (the others are done and will be skipped on a re-run; "
-                          f"fix the input and run again):\n{lines}")
     manifest = _finalize(src, out, inputs, info, dtype, config_hash, eval_tokens, log)
     new_tokens = sum(markers[(j.domain, j.shard_id)]["tokens"] for j in jobs)
     # seconds: the Dask stage including cluster start; encode_seconds: first task submitted to last result
@@ -264,37 +300,9 @@ def tokenize_dir(src: str | Path, tokenizer: str, out: str | Path, *, eval_token
     return manifest
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int | None, scheduler: str | None, quiet: bool,
-              progress: bool) -> tuple[dict, float]:
-    """Run the shard tasks; returns their markers and the seconds from submission to the last result."""
-    import dask
-    from distributed import as_completed
-
-    from pipeline.cluster import dask_client
-
-    # One core per worker: tokenizers would otherwise start a thread pool per worker process
-    # (over-subscribing the cores --workers asked for). Applies to workers this run spawns.
-    env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), "RAYON_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        with dask_client(workers, scheduler, quiet=quiet) as client:
-            start = time.perf_counter()
-            futures = client.map(tokenize_shard, jobs, pure=False)
-            done = {}
-            tokens = 0
-            with Progress(len(jobs), "tokenize", unit="shard", enabled=progress) as bar:
-                for fut in as_completed(futures):
-                    m = fut.result()
-                    done[(m["domain"], m["shard"])] = m
-                    if m["status"] == "done":
-                        tokens += m["tokens"]
-                        bar.update(1, tokens=tokens)
-                    else:
-                        bar.update(1)
-                        if not quiet:
-                            bar.note(f"tokenize: {m['domain']}/{m['shard']} FAILED: {m['error']}")
-            seconds = time.perf_counter() - start
-    return done, seconds
+class ShardsFailed(CurateError):
+    """Some shards failed (their markers say why); the others are done. `curate tokenize` exits 1,
+    as `curate filter` does when a shard fails."""
 
 
 def _load_and_save(spec: str, out: Path):

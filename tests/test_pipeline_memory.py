@@ -18,7 +18,7 @@ from pipeline.stages import process_shard
 from pipeline.writers import score_columns
 ds = load_dataset_manifest()
 [shard] = discover_shards([sys.argv[1]], ds)
-m = process_shard(shard, parse_filter_config({"length": {"min_words": 300}}), ds, sys.argv[2], "h", score_columns([]))
+m, _ = process_shard(shard, parse_filter_config({"length": {"min_words": 300}}), ds, sys.argv[2], "h", score_columns([]))
 assert m["status"] == "done" and m["docs_in"] == int(sys.argv[3]), m
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

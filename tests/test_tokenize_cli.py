@@ -263,7 +263,7 @@ def test_bad_inputs_fail_clearly_and_lose_nothing(kept, bpe_tokdir, tmp_path):
     out = tmp_path / "t2"
     # TOKDIR of another run is a Hugging Face tokenizer directory
     proc = run_cli("tokenize", bad, "--tokenizer", bpe_tokdir, "--out", out, "--workers", "1", check=False)
-    assert proc.returncode == 2 and "1 shard(s) failed" in proc.stderr and "example_train_9" in proc.stderr
+    assert proc.returncode == 1 and "1 shard(s) failed" in proc.stderr and "example_train_9" in proc.stderr
     assert not (out / "manifest.json").exists()
     assert json.loads((out / "shards" / "GitHub" / "example_train_9.json").read_text())["status"] == "failed"
     (bad / "kept" / "GitHub" / "example_train_9.parquet").unlink()
