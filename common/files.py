@@ -71,6 +71,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_json_object(path: Path, not_json: str, not_object: str) -> dict:
+    """The JSON object in `path`; a CurateError `path` + `not_json` (with the parser's reason) when it is not
+    JSON (or not text), `path` + `not_object` (with the type found) when it holds something else."""
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as e:         # JSONDecodeError, and UnicodeDecodeError for a binary file
+        raise CurateError(f"{path} {not_json.format(reason=e)}") from e
+    if not isinstance(obj, dict):
+        raise CurateError(f"{path} {not_object.format(found=type(obj).__name__)}")
+    return obj
+
+
 def read_manifest(out_dir: str | Path, *kinds: str, other_kinds: bool = False) -> dict:
     """OUT_DIR/manifest.json of a `curate <kind>` output, one of `kinds` (any JSON object with
     `other_kinds`); a CurateError saying what is wrong when it is missing, not JSON (or not text),
@@ -79,12 +91,7 @@ def read_manifest(out_dir: str | Path, *kinds: str, other_kinds: bool = False) -
     named = " or ".join(f"`curate {k}`" for k in kinds)
     if not path.is_file():
         raise CurateError(f"{path} does not exist: give the --out directory of {named}")
-    try:
-        m = json.loads(path.read_text())
-    except ValueError as e:         # JSONDecodeError, and UnicodeDecodeError for a binary file
-        raise CurateError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(m, dict):
-        raise CurateError(f"{path} holds a JSON {type(m).__name__}, not the manifest of {named}")
+    m = read_json_object(path, "is not valid JSON: {reason}", "holds a JSON {found}, not the manifest of " + named)
     if m.get("kind") not in kinds and not other_kinds:
         raise CurateError(f"{path} is a {m.get('kind')!r} manifest, not the manifest of {named}")
     return m

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from common.errors import CurateError
+from common.files import read_json_object
 
 LLAMA2_VOCAB = 32000     # the tokenizer the manifest's llama2-7b reference losses were measured with
 
@@ -23,13 +24,8 @@ def tokens_tokenizer(tokdir: str | Path) -> dict | None:
     p = Path(tokdir) / "tokenizer_source.json"
     if not p.is_file():
         return None
-    try:
-        source = json.loads(p.read_text())
-    except ValueError as e:         # JSONDecodeError, and UnicodeDecodeError for a binary file
-        raise CurateError(f"{p} is damaged ({e}): run `curate tokenize` again into a fresh directory") from e
-    if not isinstance(source, dict):
-        raise CurateError(f"{p} is not what `curate tokenize` writes: run it again into a fresh directory")
-    return source
+    again = "run `curate tokenize` again into a fresh directory"
+    return read_json_object(p, "is damaged ({reason}): " + again, "is not what `curate tokenize` writes: " + again)
 
 
 def vocab_sha256(vocab: dict[str, int]) -> str:
