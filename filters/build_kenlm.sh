@@ -4,8 +4,9 @@ set -euo pipefail
 venv=${1:-.venv}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$venv/bin/python" -m pip download -q --no-deps --no-binary :all: --no-build-isolation kenlm -d "$work" 2>/dev/null \
-  || "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: kenlm -d "$work"
+# Only kenlm itself from source: `--no-binary :all:` would also build its build requirements (setuptools,
+# cmake) from source, for many minutes, wherever the venv's own setuptools cannot read its metadata.
+"$venv/bin/python" -m pip download -q --no-deps --no-binary kenlm kenlm -d "$work"
 src=$(ls "$work"/kenlm-*.tar.gz | head -1)
 tar -xzf "$src" -C "$work"
 dir=$(find "$work" -maxdepth 1 -type d -name 'kenlm-*' | head -1)

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ VENV_BIN = Path(sys.executable).parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One intra-op thread in this process and every process it starts: the suite runs two tests at a time
+# (pytest-xdist, one per core) and the tiny models gain nothing from more; it also gives runs made in
+# this process and in a `curate` subprocess the same float sums. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,11 +58,16 @@ def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # Warnings reach stderr as a real process prints them (pytest would otherwise collect them).
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
         try:
             rc = main(argv)
         except SystemExit as e:          # argparse: --help, --version, usage errors
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    for w in caught:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     proc = subprocess.CompletedProcess(["curate", *argv], rc, out.getvalue(), err.getvalue())
     if check and rc != 0:
         raise AssertionError(f"curate {' '.join(argv)} failed ({rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from conftest import ROOT, curate
+from conftest import ROOT, run_cli
 from test_train_loop import tokdir  # noqa: F401  (a fixture)
 from trainer.checkpoint_io import load_model, read_record
 
@@ -33,8 +33,8 @@ def tokens(n=2, t=40):
 
 def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixtral(dense_dir, tmp_path):
     moe_dir, hf_dir = tmp_path / "moe", tmp_path / "hf"
-    curate("convert", "--dense", dense_dir, "--out", moe_dir, "--experts", 4, "--top-k", 2,
-           "--method", "independent-random", "--gate", "linear", "--seed", 3)
+    run_cli("convert", "--dense", dense_dir, "--out", moe_dir, "--experts", 4, "--top-k", 2,
+            "--method", "independent-random", "--gate", "linear", "--seed", 3)
     raw = json.loads((moe_dir / "config.json").read_text())
     moe = raw["model"]["moe"]
     assert (moe["method"], moe["seed"], moe["scale"], moe["gate"], moe["gate_init"]) == \
@@ -43,7 +43,7 @@ def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixt
         assert sorted(i for expert in layer for i in expert) == list(range(128))
     assert read_record(moe_dir)["conversion"]["dense"] == str(dense_dir.resolve())
 
-    proc = curate("export", moe_dir, "--format", "hf-mixtral", "--out", hf_dir)
+    proc = run_cli("export", moe_dir, "--format", "hf-mixtral", "--out", hf_dir)
     assert "max |logit difference|" in proc.stdout
     ours, _ = load_model(moe_dir)
     mixtral = MixtralForCausalLM.from_pretrained(hf_dir).eval()
@@ -56,9 +56,9 @@ def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixt
 
 
 def test_zero_gate_full_top_k_export_reproduces_the_dense_llama(dense_dir, tmp_path):
-    curate("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 4, "--scale", 4,
-           "--method", "independent-clustering", "--gate", "linear", "--gate-init", "zero")
-    curate("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
+    run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 4, "--scale", 4,
+            "--method", "independent-clustering", "--gate", "linear", "--gate-init", "zero")
+    run_cli("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
     dense = LlamaForCausalLM.from_pretrained(dense_dir).eval()
     mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = tokens()
@@ -67,11 +67,11 @@ def test_zero_gate_full_top_k_export_reproduces_the_dense_llama(dense_dir, tmp_p
 
 
 def test_default_conversion_exports_and_mixtral_gives_our_logits(dense_dir, tmp_path):
-    curate("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 2,
-           "--method", "independent-random")           # only the required flags: the noisy-linear gate
+    run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 2,
+            "--method", "independent-random")           # only the required flags: the noisy-linear gate
     moe = json.loads((tmp_path / "moe" / "config.json").read_text())["model"]["moe"]
     assert (moe["gate"], moe["gate_init"]) == ("noisy-linear", "random")
-    curate("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
+    run_cli("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
     ours, _ = load_model(tmp_path / "moe")
     mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = tokens()
@@ -83,22 +83,22 @@ def test_default_conversion_exports_and_mixtral_gives_our_logits(dense_dir, tmp_
 
 
 def test_sharing_inner_exports_but_noisy_gates_and_shared_parts_are_refused(dense_dir, tmp_path):
-    curate("convert", "--dense", dense_dir, "--out", tmp_path / "inner", "--experts", 4, "--top-k", 2,
-           "--method", "sharing-inner", "--gate", "linear")
-    curate("export", tmp_path / "inner", "--format", "hf-mixtral", "--out", tmp_path / "inner-hf")
+    run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "inner", "--experts", 4, "--top-k", 2,
+            "--method", "sharing-inner", "--gate", "linear")
+    run_cli("export", tmp_path / "inner", "--format", "hf-mixtral", "--out", tmp_path / "inner-hf")
     assert (tmp_path / "inner-hf" / "config.json").is_file()
 
-    proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "noisy", "--experts", 4, "--top-k", 2,
-                  "--method", "independent-random", "--gate", "noisy-mlp")
+    proc = run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "noisy", "--experts", 4, "--top-k", 2,
+                   "--method", "independent-random", "--gate", "noisy-mlp")
     assert "calibration" not in proc.stdout
-    refused = curate("export", tmp_path / "noisy", "--format", "hf-mixtral", "--out", tmp_path / "x", check=False)
+    refused = run_cli("export", tmp_path / "noisy", "--format", "hf-mixtral", "--out", tmp_path / "x", check=False)
     assert refused.returncode == 2 and "--gate noisy-linear" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "x").exists()
 
-    proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "inter", "--experts", 4, "--top-k", 2,
-                  "--method", "sharing-inter", "--gate", "linear")
+    proc = run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "inter", "--experts", 4, "--top-k", 2,
+                   "--method", "sharing-inter", "--gate", "linear")
     assert "sampled from the dense model" in proc.stdout  # says that no calibration data was given
-    refused = curate("export", tmp_path / "inter", "--format", "hf-mixtral", "--out", tmp_path / "y", check=False)
+    refused = run_cli("export", tmp_path / "inter", "--format", "hf-mixtral", "--out", tmp_path / "y", check=False)
     assert refused.returncode == 2 and "shared" in refused.stderr
 
 
@@ -106,12 +106,12 @@ def test_convert_refuses_bad_input_and_never_overwrites(dense_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    proc = curate("convert", "--dense", dense_dir, "--out", out, "--experts", 4, "--top-k", 2,
-                  "--method", "independent-random", check=False)
+    proc = run_cli("convert", "--dense", dense_dir, "--out", out, "--experts", 4, "--top-k", 2,
+                   "--method", "independent-random", check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
-    proc = curate("convert", "--dense", dense_dir, "--out", tmp_path / "m", "--experts", 3, "--top-k", 1,
-                  "--method", "independent-random", check=False)
+    proc = run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "m", "--experts", 3, "--top-k", 1,
+                   "--method", "independent-random", check=False)
     assert proc.returncode == 2 and "equal experts" in proc.stderr and not (tmp_path / "m").exists()
 
 
@@ -129,8 +129,6 @@ def test_benchmark_smoke_run_on_cpu(tmp_path):
 
 def test_convert_reports_dense_and_converted_heldout_loss(tokdir, tmp_path):  # noqa: F811 (a fixture)
     import yaml
-
-    from conftest import run_cli
 
     dense = tmp_path / "dense.yaml"
     dense.write_text(yaml.safe_dump({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,

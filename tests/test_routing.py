@@ -78,20 +78,20 @@ def test_dense_model_is_refused():
 def test_routing_command_on_a_tokenized_split(sample_dir, tmp_path):
     """`curate routing CHECKPOINT --tokens TOKDIR` writes the per-layer JSON (rows sum to 1 per domain)
     and the heatmap PNG for every domain's held-out split."""
-    from conftest import curate
+    from conftest import run_cli
     from test_tokenize_cli import write_kept
 
     from trainer.checkpoint_io import save_model
 
     write_kept(sample_dir / "train" / "chunk1", tmp_path / "filtered", per_domain=40)
-    curate("tokenize", tmp_path / "filtered", "--tokenizer", "train:512", "--out", tmp_path / "tokens",
-           "--eval-tokens", "512")
+    run_cli("tokenize", tmp_path / "filtered", "--tokenizer", "train:512", "--out", tmp_path / "tokens",
+            "--eval-tokens", "512")
     moe = MoEConfig(num_experts=EXPERTS, top_k=2, expert_size=8, gate="linear", gate_init="random")
     cfg = ModelConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=32, num_layers=2, num_heads=2,
                       max_seq_len=64, moe=moe)
     save_model(LlamaMoE(cfg), cfg, tmp_path / "moe")
-    curate("routing", tmp_path / "moe", "--tokens", tmp_path / "tokens", "--out", tmp_path / "routing",
-           "--max-sequences", 4, "--device", "cpu")
+    run_cli("routing", tmp_path / "moe", "--tokens", tmp_path / "tokens", "--out", tmp_path / "routing",
+            "--max-sequences", 4, "--device", "cpu")
     report = json.loads((tmp_path / "routing" / "routing.json").read_text())
     assert len(report["domains"]) == 7 and set(report["layers"]) == {"0", "1"}
     for layer in report["layers"].values():

@@ -3,7 +3,6 @@ restart after SIGKILL, training runs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 from pathlib import Path
@@ -11,11 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import curate
+from conftest import run_cli
 from pipeline.service.report import domain_table
 from serve_helpers import Served
-
-ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def kept_ids(out: Path) -> list[str]:
@@ -31,7 +28,7 @@ def root(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("serve")
     root = base / "root"
     root.mkdir()
-    curate("sample", root / "raw", "--shards", "8", "--docs-per-domain", "300", env=ENV)
+    run_cli("sample", root / "raw", "--shards", "8", "--docs-per-domain", "300")
     (root / "cfg").mkdir()
     (root / "cfg" / "filters.yaml").write_text("length:\n  min_words: 40\n")
     (root / "cfg" / "bad.yaml").write_text("length:\n  min_wrods: 40\n")
@@ -145,8 +142,8 @@ def test_a_filter_job_equals_the_command(server, root, tmp_path):
     assert job["status"] == "done", job
     assert job["progress"] == {"shards_done": 8, "shards_total": 8}
     cli_out = tmp_path / "cli"
-    curate("filter", root / "raw" / "train", "--out", cli_out, "--config", root / "cfg" / "filters.yaml",
-           "--workers", "1", "--no-progress", env=ENV)
+    run_cli("filter", root / "raw" / "train", "--out", cli_out, "--config", root / "cfg" / "filters.yaml",
+            "--workers", "1", "--no-progress")
     cli = json.loads((cli_out / "manifest.json").read_text())
     assert job["totals"] == cli["totals"]
     assert job["totals"]["removed"].get("length", 0) > 0
@@ -201,8 +198,8 @@ def test_sigkill_mid_job_then_restart_resumes_it(root, tmp_path):
         assert s2.stop() == 0
     reference = root / "curated" / "a"
     if not reference.is_dir():
-        curate("filter", root / "raw" / "train", "--out", tmp_path / "ref", "--config",
-               root / "cfg" / "filters.yaml", "--workers", "1", "--no-progress", env=ENV)
+        run_cli("filter", root / "raw" / "train", "--out", tmp_path / "ref", "--config",
+                root / "cfg" / "filters.yaml", "--workers", "1", "--no-progress")
         reference = tmp_path / "ref"
     assert kept_ids(root / "curated" / "k") == kept_ids(reference)
     assert manifest["totals"] == json.loads((reference / "manifest.json").read_text())["totals"]
@@ -212,13 +209,13 @@ def test_the_jobs_client(server, tmp_path):
     tf = tmp_path / "tok"
     tf.write_text(server.token + "\n")
     common = ["--server", server.url, "--token-file", tf]
-    out = curate("jobs", "submit", "filter", "inputs=raw/train", "out=curated/client", "config=cfg/filters.yaml",
-                 *common).stdout
+    out = run_cli("jobs", "submit", "filter", "inputs=raw/train", "out=curated/client", "config=cfg/filters.yaml",
+                  *common).stdout
     job_id = json.loads(out)["id"]
-    done = json.loads(curate("jobs", "wait", job_id, *common, "--interval", "0.2").stdout)
+    done = json.loads(run_cli("jobs", "wait", job_id, *common, "--interval", "0.2").stdout)
     assert done["status"] == "done" and done["totals"]["docs_in"] > 0
-    assert job_id in curate("jobs", "list", *common).stdout
-    bad = curate("jobs", "submit", "filter", "inputs=/etc", "out=x", *common, check=False)
+    assert job_id in run_cli("jobs", "list", *common).stdout
+    bad = run_cli("jobs", "submit", "filter", "inputs=/etc", "out=x", *common, check=False)
     assert bad.returncode == 2 and "absolute" in bad.stderr
 
 
@@ -260,7 +257,7 @@ def test_a_tokenize_job_equals_the_command(server, root, tmp_path):
     job = server.wait_job(reply["id"])
     assert job["status"] == "done", job
     assert job["progress"]["shards_done"] == job["progress"]["shards_total"] > 0
-    curate("tokenize", root / "curated" / "a", "--tokenizer", "train:512", "--out", tmp_path / "tok",
-           "--eval-tokens", "2048", "--workers", "1", env=ENV)
+    run_cli("tokenize", root / "curated" / "a", "--tokenizer", "train:512", "--out", tmp_path / "tok",
+            "--eval-tokens", "2048", "--workers", "1")
     cli = json.loads((tmp_path / "tok" / "manifest.json").read_text())
     assert job["totals"] == cli["totals"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import curate, free_port
+from conftest import free_port, run_cli
 from serve_helpers import Served
-from test_train_loop import ENV, tiny_moe, tokdir, train_config  # noqa: F401  (tokdir is a fixture)
+from test_train_loop import tiny_moe, tokdir, train_config  # noqa: F401  (tokdir is a fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -27,7 +27,7 @@ def run_root(tokdir, tmp_path_factory) -> Path:   # noqa: F811
     (root / "experiments").mkdir(parents=True)
     cfg = train_config(root / "train.yaml", tokdir, {"path": str(tiny_moe(root / "moe.yaml", "linear"))},
                        max_steps=8)
-    curate("train", "--config", cfg, "--out", root / "experiments" / "r1", env=ENV)
+    run_cli("train", "--config", cfg, "--out", root / "experiments" / "r1")
     return root
 
 

@@ -1,6 +1,7 @@
 """`curate train` end to end on CPU: a tiny LLaMA-MoE on the tokenized embedded sample.
 
-Real processes throughout: the `curate` console script, SIGKILL, `torchrun` with gloo.
+Real processes where they are the point: SIGKILL of the `curate` console script, `torchrun` with gloo;
+the other runs go through `pipeline.cli.main` in this process.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from common.errors import CurateError
-from conftest import VENV_BIN, curate
+from conftest import VENV_BIN, curate, run_cli
 from trainer.config import load_train_config, write_train_config
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -32,8 +33,8 @@ def tokdir(sample_dir, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("train-data")
     write_kept(sample_dir / "train" / "chunk1", root / "filtered")
-    curate("tokenize", root / "filtered", "--tokenizer", "train:512", "--out", root / "tokens",
-           "--eval-tokens", "4096", "--workers", "1", env=ENV)
+    run_cli("tokenize", root / "filtered", "--tokenizer", "train:512", "--out", root / "tokens",
+            "--eval-tokens", "4096", "--workers", "1")
     return root / "tokens"
 
 
@@ -81,7 +82,7 @@ def noisy_run(tokdir, tmp_path_factory) -> tuple[Path, Path]:
     """An uninterrupted 16-step run with the noisy gate (so resuming must restore the RNG exactly)."""
     root = tmp_path_factory.mktemp("noisy")
     cfg = train_config(root / "train.yaml", tokdir, {"path": str(tiny_moe(root / "moe.yaml", "noisy-mlp"))})
-    curate("train", "--config", cfg, "--out", root / "full", env=ENV)
+    run_cli("train", "--config", cfg, "--out", root / "full")
     return cfg, root / "full"
 
 
@@ -95,7 +96,7 @@ def test_loss_falls_and_the_run_has_its_files(tokdir, tmp_path):
     model = {"dense": str(dense), "convert": {"experts": 4, "top_k": 2, "method": "independent-random"}}
     cfg = train_config(tmp_path / "train.yaml", tokdir, model, max_steps=30, checkpoint_every=10)
     run = tmp_path / "run"
-    proc = curate("train", "--config", cfg, "--out", run, env=ENV)
+    proc = run_cli("train", "--config", cfg, "--out", run)
 
     met = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in met] == list(range(1, 31))
@@ -176,7 +177,7 @@ def test_activation_checkpointing_and_dataloader_workers_change_no_number(noisy_
     raw["train"].update(activation_checkpointing=True, dataloader_workers=2)
     other = tmp_path / "ac.yaml"
     other.write_text(yaml.safe_dump(raw))
-    curate("train", "--config", other, "--out", tmp_path / "ac", env=ENV)
+    run_cli("train", "--config", other, "--out", tmp_path / "ac")
     a, b = rows(full, "metrics.jsonl", "step"), rows(tmp_path / "ac", "metrics.jsonl", "step")
     assert a.keys() == b.keys() and max(abs(a[s]["loss"] - b[s]["loss"]) for s in b) < 1e-5
 
@@ -191,7 +192,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(noisy_run, tmp_path
     data[-100:] = bytes(100)                                 # same size, damaged tensor data
     weights.write_bytes(bytes(data))
 
-    proc = curate("train", "--config", cfg, "--out", run, "--resume", env=ENV)
+    proc = run_cli("train", "--config", cfg, "--out", run, "--resume")
     assert "step_12 is damaged" in proc.stderr and "sha256" in proc.stderr
     assert "from step 8" in proc.stdout
     loss, weights_diff = max_differences(full, run)
@@ -206,10 +207,10 @@ def test_resume_refuses_another_config_and_a_fresh_start_refuses_a_used_dir(nois
     other.write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
     shutil.copytree(full, run)
-    proc = curate("train", "--config", other, "--out", run, "--resume", check=False, env=ENV)
+    proc = run_cli("train", "--config", other, "--out", run, "--resume", check=False)
     assert proc.returncode == 2 and "different training config" in proc.stderr and "optim.lr" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = curate("train", "--config", cfg, "--out", run, check=False, env=ENV)
+    proc = run_cli("train", "--config", cfg, "--out", run, check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     assert rows(run, "metrics.jsonl", "step") == rows(full, "metrics.jsonl", "step")   # nothing lost
 
@@ -218,11 +219,11 @@ def test_bad_config_is_refused_naming_the_key(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"path": "m.yaml"}, "data": {"tokens": "t"},
                                    "optim": {"lr": 2e-4, "betas": [0.9, 1.5]}, "train": {"max_steps": 1}}))
-    proc = curate("train", "--config", cfg, check=False, env=ENV)
+    proc = run_cli("train", "--config", cfg, check=False)
     assert proc.returncode == 2 and "optim.betas" in proc.stderr and "Traceback" not in proc.stderr
     cfg.write_text(yaml.safe_dump({"model": {"path": "m.yaml"}, "data": {"tokens": "t"},
                                    "train": {"max_steps": 1, "checkpoint_evry": 5}}))
-    proc = curate("train", "--config", cfg, check=False, env=ENV)
+    proc = run_cli("train", "--config", cfg, check=False)
     assert proc.returncode == 2 and "train.checkpoint_evry" in proc.stderr
 
 
@@ -238,7 +239,7 @@ def test_torchrun_ddp_and_fsdp2_match_a_single_process(tokdir, tmp_path):
     The linear gate has no noise, so the runs draw no random numbers and must agree to rounding."""
     model = {"path": str(tiny_moe(tmp_path / "moe.yaml", "linear"))}
     single = train_config(tmp_path / "single.yaml", tokdir, model, max_steps=8)
-    curate("train", "--config", single, "--out", tmp_path / "single", env=ENV)
+    run_cli("train", "--config", single, "--out", tmp_path / "single")
     for parallel in ("ddp", "fsdp2"):
         cfg = train_config(tmp_path / f"{parallel}.yaml", tokdir, model, max_steps=8, parallel=parallel)
         proc = torchrun("train", "--config", cfg, "--out", tmp_path / parallel)
@@ -260,7 +261,7 @@ def test_a_starved_expert_is_warned_about_naming_the_layer_and_bias_balancing_re
     def run_with(name: str, **moe) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
         model = tiny_moe(tmp_path / f"{name}.yaml", "linear", gate_init="zero", **moe)
         cfg = train_config(tmp_path / f"{name}-train.yaml", tokdir, {"path": str(model)}, checkpoint_every=None)
-        proc = curate("train", "--config", cfg, "--out", tmp_path / name, env=ENV)
+        proc = run_cli("train", "--config", cfg, "--out", tmp_path / name)
         routing = [json.loads(line) for line in (tmp_path / name / "routing.jsonl").read_text().splitlines()]
         met = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return proc, routing, met
@@ -276,8 +277,8 @@ def test_a_starved_expert_is_warned_about_naming_the_layer_and_bias_balancing_re
     from trainer.checkpoint_io import load_model
     model, _ = load_model(tmp_path / "bias" / "checkpoints" / "step_16")
     assert model.layers[0].mlp.router.expert_bias.abs().sum() > 0        # the bias is part of the checkpoint
-    refused = curate("export", tmp_path / "bias" / "checkpoints" / "step_16", "--format", "hf-mixtral",
-                     "--out", tmp_path / "hf", check=False)
+    refused = run_cli("export", tmp_path / "bias" / "checkpoints" / "step_16", "--format", "hf-mixtral",
+                      "--out", tmp_path / "hf", check=False)
     assert refused.returncode == 2 and "load-balancing bias" in refused.stderr   # Mixtral has no router bias
 
 
@@ -287,7 +288,7 @@ def test_distillation_from_a_teacher_equal_to_the_student_adds_zero_kl(tokdir, t
     save_model(model, mcfg, tmp_path / "student")
     cfg = train_config(tmp_path / "t.yaml", tokdir, {"path": str(tmp_path / "student")}, max_steps=3,
                        checkpoint_every=None, distill={"teacher": str(tmp_path / "student"), "temperature": 2.0})
-    curate("train", "--config", cfg, "--out", tmp_path / "run", env=ENV)
+    run_cli("train", "--config", cfg, "--out", tmp_path / "run")
     met = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert abs(met[0]["distill_kl"]) < 1e-6                    # before any update: identical models
     assert met[-1]["distill_kl"] > 1e-4                         # the student has moved away since
