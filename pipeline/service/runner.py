@@ -164,11 +164,12 @@ class Runner:
         with self._lock:
             self._procs.pop(job_id, None)
         job = self.store.get(job_id)
-        if job["cancel_requested"]:
+        if job["cancel_requested"] and rc != 0:
             self.store.update(job_id, status="cancelled", finished=time.time(), pgid=None)
         elif self._stopping.is_set() and rc != 0:
             self.store.update(job_id, status="queued", pgid=None)      # resumed at the next start
         elif rc == 0:
+            # also when a cancel came too late: the job completed and its outputs are whole
             self.store.update(job_id, status="done", finished=time.time(), pgid=None)
         else:
             tail = _log_tail(log)
