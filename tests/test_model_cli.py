@@ -31,6 +31,20 @@ def tokens(n=2, t=40):
     return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(7))
 
 
+def export_matches_mixtral(moe_dir: Path, hf_dir: Path) -> None:
+    """`curate export --format hf-mixtral`, then transformers' Mixtral gives our logits, with routing that is
+    sparse and uneven (so agreement is not an accident of uniform weights)."""
+    proc = run_cli("export", moe_dir, "--format", "hf-mixtral", "--out", hf_dir)
+    assert "max |logit difference|" in proc.stdout
+    ours, _ = load_model(moe_dir)
+    mixtral = MixtralForCausalLM.from_pretrained(hf_dir).eval()
+    x = tokens()
+    with torch.no_grad():
+        a, b = ours.eval()(x).logits, mixtral(x).logits
+    assert (a - b).abs().max().item() < 1e-4
+    assert len({tuple(v.tolist()) for v in ours.expert_load().values()}) > 1
+
+
 def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixtral(dense_dir, tmp_path):
     moe_dir, hf_dir = tmp_path / "moe", tmp_path / "hf"
     run_cli("convert", "--dense", dense_dir, "--out", moe_dir, "--experts", 4, "--top-k", 2,
@@ -43,16 +57,7 @@ def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixt
         assert sorted(i for expert in layer for i in expert) == list(range(128))
     assert read_record(moe_dir)["conversion"]["dense"] == str(dense_dir.resolve())
 
-    proc = run_cli("export", moe_dir, "--format", "hf-mixtral", "--out", hf_dir)
-    assert "max |logit difference|" in proc.stdout
-    ours, _ = load_model(moe_dir)
-    mixtral = MixtralForCausalLM.from_pretrained(hf_dir).eval()
-    x = tokens()
-    with torch.no_grad():
-        a, b = ours.eval()(x).logits, mixtral(x).logits
-    assert (a - b).abs().max().item() < 1e-4
-    # the routing really is sparse and uneven, so agreement is not an accident of uniform weights
-    assert len({tuple(v.tolist()) for v in ours.expert_load().values()}) > 1
+    export_matches_mixtral(moe_dir, hf_dir)
 
 
 def test_zero_gate_full_top_k_export_reproduces_the_dense_llama(dense_dir, tmp_path):
@@ -71,15 +76,7 @@ def test_default_conversion_exports_and_mixtral_gives_our_logits(dense_dir, tmp_
             "--method", "independent-random")           # only the required flags: the noisy-linear gate
     moe = json.loads((tmp_path / "moe" / "config.json").read_text())["model"]["moe"]
     assert (moe["gate"], moe["gate_init"]) == ("noisy-linear", "random")
-    run_cli("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
-    ours, _ = load_model(tmp_path / "moe")
-    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = tokens()
-    with torch.no_grad():
-        a, b = ours.eval()(x).logits, mixtral(x).logits
-    assert (a - b).abs().max().item() < 1e-4
-    # random gate weights: the experts do not all see the same tokens
-    assert len({tuple(v.tolist()) for v in ours.expert_load().values()}) > 1
+    export_matches_mixtral(tmp_path / "moe", tmp_path / "hf")
 
 
 def test_sharing_inner_exports_but_noisy_gates_and_shared_parts_are_refused(dense_dir, tmp_path):
