@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import build
 from common.errors import CurateError
-from trainer.moe import MLP, MoEConfig, MoELayer, check_keys
+from trainer.moe import MLP, MoEConfig, MoELayer
 
 IGNORE_INDEX = -100
 
@@ -73,11 +74,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "model config") -> "ModelConfig":
-        check_keys(cls, raw, where)
-        raw = dict(raw)
-        if raw.get("moe") is not None:
-            raw["moe"] = MoEConfig.from_dict(raw["moe"], where)
-        return cls(**raw)
+        try:
+            return build(cls, raw, "")     # the nested moe section too, as model.moe's dataclass
+        except CurateError as e:
+            raise CurateError(f"{where}: {e}") from None
 
     def param_counts(self) -> dict[str, int]:
         """Total and per-token active parameters (embeddings excluded), for MFU and reports."""

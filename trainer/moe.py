@@ -18,12 +18,13 @@ layer never stalls the CPU and the whole block compiles into one graph.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import build
 from common.errors import CurateError
 from trainer import fused_moe
 from trainer.kernels import swiglu_weighted, triton_runs_on
@@ -37,21 +38,6 @@ EXPERT_IMPLS = ("auto", "fused", "grouped", "loop")
 
 # torch >= 2.10 has the public name; 2.8/2.9 only the private op with the same arguments.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def check_keys(cls, raw: object, where: str, prefix: str = "") -> None:
-    """`raw` must be a mapping holding every required field of dataclass `cls` and no unknown key."""
-    if not isinstance(raw, dict):
-        raise CurateError(f"{where}: expected a mapping" + (f" for {prefix.rstrip('.')}" if prefix else ""))
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise CurateError(f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-    missing = [prefix + k for k in required if k not in raw]
-    if missing:
-        raise CurateError(f"{where}: missing key(s) {', '.join(missing)}")
 
 
 @dataclass
@@ -117,8 +103,10 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "moe config") -> "MoEConfig":
-        check_keys(cls, raw, where, prefix="moe.")
-        return cls(**raw)
+        try:
+            return build(cls, raw, "moe")
+        except CurateError as e:
+            raise CurateError(f"{where}: {e}") from None
 
 
 class MLP(nn.Module):
