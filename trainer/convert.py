@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from trainer.preflight import tokenizer_sha256
     tok_sha = tokenizer_sha256(args.dense)
     if args.tokens is not None:
-        check_tokens(args.tokens, args.dense, tok_sha)
+        from samplers.packed import PackedTokens
+        from trainer.preflight import check_same_tokenizer
+        PackedTokens(args.tokens)        # a clear error for a directory `curate tokenize` did not write
+        check_same_tokenizer(args.tokens, tok_sha, args.dense, "--tokens")
 
     t0 = time.time()
     # conversion's steps, then the held-out comparison (with --tokens) and writing the model
@@ -125,19 +128,6 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1, finished="write")
     print(f"wrote {out} ({'with' if tokenizer is not None else 'no'} tokenizer) in {time.time() - t0:.1f}s")
     return 0
-
-
-def check_tokens(tokdir: str, dense: str, dense_sha: str | None) -> None:
-    """Refuse a token directory made with another tokenizer than the dense model's, before converting."""
-    from samplers.packed import PackedTokens
-    from trainer.preflight import tokens_vocab_sha256
-
-    PackedTokens(tokdir)            # a clear error for a directory `curate tokenize` did not write
-    theirs = tokens_vocab_sha256(tokdir)
-    if theirs and dense_sha and theirs != dense_sha:
-        raise CurateError(f"--tokens {tokdir} was tokenized with another tokenizer than {dense}'s (vocabulary sha256 "
-                          f"{theirs[:12]} vs {dense_sha[:12]}): its losses would mean nothing. Tokenize with the "
-                          f"model's own: curate tokenize DIR --tokenizer {dense} --out TOKDIR")
 
 
 def heldout_report(dense, moe, tokdir: str, seqs_per_domain: int, seq_len: int, say=print) -> dict:

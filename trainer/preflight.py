@@ -65,13 +65,19 @@ def model_tokenizer_sha256(model_section) -> tuple[str | None, str]:
 
 def check_tokenizers(model_section, tokdir: str | Path) -> None:
     """Refuse tokens made with another tokenizer than the model's (when both sides are known)."""
+    ours, where = model_tokenizer_sha256(model_section)
+    check_same_tokenizer(tokdir, ours, where, "data.tokens")
+
+
+def check_same_tokenizer(tokdir: str | Path, model_sha: str | None, where: str, what: str) -> None:
+    """Refuse the token directory `tokdir` (named `what` in the message) when its tokenizer's vocabulary
+    digest is known and differs from `model_sha`, the model at `where`'s."""
     tok = tokens_tokenizer(tokdir) or {}
     theirs = tokens_vocab_sha256(tokdir)
-    ours, where = model_tokenizer_sha256(model_section)
-    if theirs and ours and theirs != ours:
+    if theirs and model_sha and theirs != model_sha:
         raise CurateError(
-            f"data.tokens {tokdir} was tokenized with {tok.get('spec')} (tokenizer sha256 {theirs[:12]}), but the "
-            f"model's tokenizer ({where}) is another (sha256 {ours[:12]}): token ids would mean different "
+            f"{what} {tokdir} was tokenized with {tok.get('spec')} (tokenizer sha256 {theirs[:12]}), but the "
+            f"model's tokenizer ({where}) is another (sha256 {model_sha[:12]}): token ids would mean different "
             f"words. Tokenize with the model's own tokenizer: curate tokenize DIR --tokenizer {where} --out TOKDIR")
 
 
