@@ -30,6 +30,7 @@ from common.errors import CurateError
 from trainer.model import LlamaMoE, ModelConfig
 from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES, MoEConfig
 
+GENERATED_SEQS_PER_EXPERT = 4     # calibration sequences sampled from the dense model when no text is given
 METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
 
 
@@ -536,7 +537,10 @@ def convert_dense(dense: str | Path, s: ConvertConfig, log: Callable[[str], None
     if method.startswith("sharing") or gate_init == "fitted":
         n, T = s.experts * s.calib_seqs, min(s.calib_len, cfg.max_seq_len)
         if s.calib_data is None:
-            # not random tokens: text the dense model writes itself (see generated_calibration)
+            # not random tokens: text the dense model writes itself (see generated_calibration). Sampling
+            # without a KV cache costs ~n * T^2 / 2 token-forwards, so the fallback keeps to 4 per expert
+            # (a SmolLM2 conversion stays at minutes on a CPU); real text takes the full calib_seqs.
+            n = s.experts * min(s.calib_seqs, GENERATED_SEQS_PER_EXPERT)
             calib = generated_calibration(model, n, T, s.seed)
             note = f"{n} x {T + 1} tokens sampled from the dense model (seed {s.seed}): no calibration data given"
             log(f"calibration: {note} -- pass --calib-data for importance measured on real text")
