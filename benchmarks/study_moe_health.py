@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from study_construction import mean, study_main  # noqa: E402  (the studies share their loss mean and arguments)
 
-# name -> (label, extra `curate convert` flags, train.distill). Flags beyond the required ones
+# name -> (label, extra `curate convert` flags, train.distill[, lr instead of --lr]). Flags beyond the required ones
 # (--experts 8 --top-k 2 --method M): "CALIB" stands for the token directory. Distillation's teacher is the
 # dense model itself.
 KD = {"weight": 1.0, "temperature": 1.0}
@@ -50,6 +50,14 @@ RUNS = {
     "clustering": ("IndependentClustering", ["METHOD=independent-clustering"], None),
     "sharing-inner": ("SharingInner", ["METHOD=sharing-inner", "--calib-data", "CALIB"], None),
     "sharing-inter": ("SharingInter", ["METHOD=sharing-inter", "--calib-data", "CALIB"], None),
+    # 192 always-on neurons + 8 x 168, top-1: 360 active neurons per token against the others' 384
+    "sharing-inter-top1": ("SharingInter, 192 shared + top-1 of 8 x 168 (FLOP-matched)",
+                           ["METHOD=sharing-inter", "--calib-data", "CALIB", "--top-k", "1", "--shared-size", "192"], None),
+    # beyond the protocol's lr: how much of the gap is the short budget at a continual-pretraining lr
+    "lr-1e-3": ("new defaults, lr 1e-3", [], None, 1e-3),
+    "sharing-inter-lr-1e-3": ("SharingInter, lr 1e-3", ["METHOD=sharing-inter", "--calib-data", "CALIB"], None, 1e-3),
+    "sharing-inter-distill-lr-1e-3": ("SharingInter + distillation (KL + labels), lr 1e-3",
+                                      ["METHOD=sharing-inter", "--calib-data", "CALIB"], KD, 1e-3),
 }
 DEAD = 0.01
 
@@ -74,7 +82,8 @@ def health(layers: dict[str, list[float]]) -> tuple[int, float, str]:
 def run_one(name: str, args, work: Path, log) -> dict:
     from trainer.config import write_train_config
 
-    label, flags, distill = RUNS[name]
+    label, flags, distill, *lr = RUNS[name]
+    lr = lr[0] if lr else args.lr
     method = "independent-random"
     convert_flags = []
     for f in flags:
@@ -88,6 +97,8 @@ def run_one(name: str, args, work: Path, log) -> dict:
         curate("convert", "--dense", args.gguf, "--out", moe, "--experts", 8, "--top-k", 2, "--method", method,
                *convert_flags, log=log)
     convert_s = time.time() - t0
+    moe_cfg = json.loads((moe / "config.json").read_text())["model"]["moe"]
+    active = moe_cfg["expert_size"] * moe_cfg["top_k"] + (moe_cfg.get("shared_intermediate_size") or 0)
     global_batch = args.seq_len * args.micro_batch * args.accum
     steps = args.steps
     every = args.eval_every_steps * global_batch
@@ -100,7 +111,7 @@ def run_one(name: str, args, work: Path, log) -> dict:
         data={"tokens": str(args.tokens), "seq_len": args.seq_len, "micro_batch_size": args.micro_batch,
               "global_batch_tokens": global_batch},
         sampler={"kind": "static", "preset": "sheared", "reweight_every_tokens": every},
-        optim={"lr": args.lr, "warmup_steps": max(1, steps // 10)}, train=train)
+        optim={"lr": lr, "warmup_steps": max(1, steps // 10)}, train=train)
     run = work / f"run-{name}"
     t0 = time.time()
     curate("train", "--config", cfg, "--out", run, log=log)
@@ -111,7 +122,7 @@ def run_one(name: str, args, work: Path, log) -> dict:
     dead0, busiest0, worst0 = health(routing[0]["layers"])
     dead, busiest, worst = health(routing[-1]["layers"])
     return {
-        "run": name, "label": label, "method": method, "convert_flags": convert_flags, "distill": distill or None,
+        "run": name, "label": label, "method": method, "lr": lr, "active_neurons": active, "convert_flags": convert_flags, "distill": distill or None,
         "steps": steps, "tokens": met[-1]["tokens"], "global_batch_tokens": global_batch, "seq_len": args.seq_len,
         "loss_start": mean(evals[0]["eval_loss"]), "loss_end": mean(evals[-1]["eval_loss"]),
         "eval_start": evals[0]["eval_loss"], "eval_end": evals[-1]["eval_loss"],
