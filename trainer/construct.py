@@ -375,9 +375,12 @@ def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
     """Fit each layer's linear gate so its top-k picks the experts that carry the dense FFN's output.
 
     On the calibration tokens, for layer l: x = the dense FFN's input, and per expert e the log of the
-    norm of its (scaled) output on x, centred over the experts -- which experts matter for this token.
-    The gate is the ridge regression of those targets on x (one closed-form solve), so W x ranks the
-    experts as their outputs do and the softmax over the top k weighs them by output size.
+    norm of its (scaled) output on x, centred over the experts -- which experts matter for this token --
+    and then over the tokens, so no expert is preferred for every token: fitted on the raw targets, the
+    experts whose outputs are large everywhere take most tokens (on SmolLM2-135M the worst layer's
+    busiest expert got 40% of the held-out assignments before training and after 8.2M tokens; centred,
+    29% before training). The gate is the ridge regression of those targets on x (one closed-form
+    solve), so W x ranks the experts as their outputs do and the softmax over the top k weighs them.
     Returns, per layer, the fraction of tokens whose top-k set the fitted gate gets exactly right."""
     inputs: dict[int, list[torch.Tensor]] = {l: [] for l in range(len(dense.layers))}
     hooks = [layer.mlp.register_forward_pre_hook(lambda _m, inp, l=l: inputs[l].append(inp[0].reshape(-1, inp[0].shape[-1])))
@@ -396,6 +399,7 @@ def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
                              for e in range(ex.num_experts)], 1)
         z = norms.clamp_min(1e-12).log()
         z = z - z.mean(1, keepdim=True)
+        z = z - z.mean(0, keepdim=True)
         gram = x.T @ x
         ridge = 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1])
         w = torch.linalg.solve(gram + ridge, x.T @ z)            # [H, E]
