@@ -179,33 +179,39 @@ def cmd_report(args) -> int:
     folder = Path(args.folder)
     parts = [json.loads(p.read_text()) for p in sorted(folder.glob("part*.json"))]
     runs = {n: r for p in parts for n, r in p["runs"].items() if "error" not in r}
-    order = [n for n in RUNS if n in runs]
+    # rows of this script first, in its order; then rows measured with code since changed (their labels say so)
+    order = [n for n in RUNS if n in runs] + sorted(n for n in runs if n not in RUNS)
     dense = mean(parts[0]["dense"])
     head = parts[0]
-    dates = sorted({p["date"] for p in parts})
-    lines = [f"{', '.join(dates)}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2, "
-             f"{runs[order[0]]['steps']} steps x {runs[order[0]]['global_batch_tokens']:,} tokens, seq "
-             f"{runs[order[0]]['seq_len']}, lr 3e-4, static Sheared weights. Held-out mean loss over the 7 domains "
-             f"(dense model: {dense:.3f}). Routing on the held-out batches without gate noise; 240 experts in all.",
-             "", "| run | held-out loss, step 0 | at the end | experts under 1% (start -> end) | busiest expert, "
-             "worst layer (end) | tokens/s (runs sharing the GPU) |", "|---|---|---|---|---|---|"]
+    dates = sorted({p["date"][:10] for p in parts})
+    first = runs[order[0]]
+    lines = [f"{', '.join(dates)}, {head['device']}, torch {head['torch']}. SmolLM2-135M -> 8 experts x 192, top-2 "
+             f"unless the row says otherwise, {first['steps']} steps x {first['global_batch_tokens']:,} tokens, seq "
+             f"{first['seq_len']}, lr 3e-4 unless the row says otherwise, static Sheared weights. Held-out mean loss "
+             f"over the 7 domains (dense model: {dense:.3f}). Routing on the held-out batches without gate noise; "
+             "240 experts in all. Active FFN neurons per token: the dense model has 1,536; 384 is FLOP-matched. "
+             "tokens/s is per run, with the number of runs sharing the GPU.",
+             "", "| run | active neurons | held-out loss, step 0 | at the end | experts under 1% (start -> end) | "
+             "busiest expert, worst layer (end) | tokens/s (runs sharing the GPU) |", "|---|---|---|---|---|---|---|"]
     for n in order:
         r = runs[n]
-        lines.append(f"| {r['label']} | {r['loss_start']:.2f} | **{r['loss_end']:.2f}** | {r['dead_start']} -> "
-                     f"{r['dead_end']} | {r['busiest_end']:.1%} (layer {r['worst_layer_end']}) | "
+        lines.append(f"| {r['label']} | {r.get('active_neurons', 384)} | {r['loss_start']:.2f} | **{r['loss_end']:.2f}** | "
+                     f"{r['dead_start']} -> {r['dead_end']} | {r['busiest_end']:.1%} (layer {r['worst_layer_end']}) | "
                      f"{r['tokens_per_s']:,.0f} ({r.get('runs_sharing_the_gpu', 1)}) |")
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     # held-out loss curves
     fig, ax = plt.subplots(figsize=(9, 5))
-    for n in order:
+    curves = [n for n in ("old-defaults", "new-defaults", "linear", "distill", "fitted", "lr-1e-3", "clustering",
+                          "sharing-inner", "sharing-inner-fitted-uncentred", "sharing-inter") if n in runs]
+    for n in curves:
         h = runs[n]["eval_history"]
         ax.plot([e["tokens"] / 1e6 for e in h], [e["loss"] for e in h], marker="o", ms=3, label=runs[n]["label"])
     ax.axhline(dense, color="k", ls="--", lw=1, label="dense SmolLM2-135M")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("mean held-out loss")
-    ax.set_ylim(top=min(15, max(runs[n]["loss_start"] for n in order) + 0.5))
+    ax.set_ylim(top=min(15, max(runs[n]["loss_start"] for n in curves) + 0.5))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("recovery after conversion")
@@ -214,7 +220,8 @@ def cmd_report(args) -> int:
     plt.close(fig)
 
     # routing: per layer, every expert's share at the end (old vs new defaults and the best runs)
-    shown = [n for n in ("old-defaults", "new-defaults", "linear", "bias", "bias-distill-kl", "fitted") if n in runs]
+    shown = [n for n in ("old-defaults", "new-defaults", "linear", "fitted", "sharing-inner-fitted-uncentred",
+                         "sharing-inter") if n in runs]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 6.2), sharey=True)
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, shown):

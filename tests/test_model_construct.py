@@ -216,6 +216,26 @@ def test_a_fitted_router_starts_closer_to_the_dense_model_than_a_random_one():
     assert all(f < r for f, r in zip(fitted_kl, random_kl)), (fitted_kl, random_kl)
 
 
+def test_a_fitted_router_does_not_send_every_token_to_an_expert_that_is_loud_everywhere():
+    """An expert whose output is large for every token (SmolLM2's last layer has such experts) would win
+    every token's top-k on raw output sizes; the fitted targets are centred over the tokens, so the
+    router keeps choosing by what differs between tokens."""
+    from trainer.construct import fit_routers
+
+    dense = dense_model(3)
+    moe, _ = build_moe(dense, ConvertConfig(experts=4, top_k=1, method="independent-random", gate="linear"),
+                       log=lambda s: None)
+    with torch.no_grad():
+        for m in moe.moe_layers().values():
+            m.experts.down_proj[0] *= 20         # expert 0 of every layer: 20x the output, same direction
+    fit_routers(dense, moe, calib(32), log=lambda s: None)
+    held_out = torch.randint(0, 80, (8, 33), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        moe.eval()(held_out[:, :-1])
+    for layer, load in moe.expert_load().items():
+        assert load.max() < 0.6, (layer, load.tolist())   # raw targets: expert 0 gets ~100%
+
+
 def test_fitted_gate_needs_a_linear_router(tmp_path):
     from trainer.checkpoint_io import save_model
     from trainer.construct import convert_dense
