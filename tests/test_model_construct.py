@@ -149,6 +149,26 @@ def test_without_calibration_data_sharing_uses_text_the_model_writes_not_random_
         calibration_tokens(None, tmp_path, model.cfg, 4, 16, seed=0)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_sampling_goes_through_transformers_on_our_weights(tie):
+    """generated_calibration samples with transformers' generate (KV cache) on a LlamaForCausalLM that
+    shares our dense model's weights: its logits must be ours, and what it samples must follow them."""
+    from trainer.checkpoint_io import hf_from_dense
+
+    model = dense_model(tie=tie)
+    x = torch.randint(0, 80, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(x).logits, hf_from_dense(model)(x).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # the second token of sequences started from token 0, against the model's own distribution after [0]
+    with torch.no_grad():
+        p = torch.softmax(model(torch.zeros(1, 1, dtype=torch.long)).logits[0, -1], -1)
+    n = 4000
+    seen = torch.bincount(generated_calibration(model, n, 1, seed=1)[:, 1], minlength=80).float() / n
+    sd = (p * (1 - p) / n).sqrt()
+    assert ((seen - p).abs() / sd).max() < 5, "samples do not follow the model's distribution"
+
+
 def test_bad_settings_are_refused_with_the_reason():
     with pytest.raises(CurateError, match="do not split into 5 equal experts"):
         convert("independent-random", experts=5)

@@ -223,6 +223,38 @@ def dense_from_hf(hf, where: str = "transformers model") -> tuple[LlamaMoE, Mode
     return _build(cfg, state, where), cfg
 
 
+def hf_from_dense(model: LlamaMoE):
+    """transformers' LlamaForCausalLM (eval mode) holding (sharing, not copying) our dense model's weights:
+    the inverse of `dense_from_hf`, for what transformers does well that our training model does not need
+    (sampling with a KV cache)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.cfg
+    if cfg.moe is not None:
+        raise CurateError("hf_from_dense takes a dense LLaMA, not a mixture-of-experts model")
+    hc = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.eos_token_id)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hc)
+    ours = model.state_dict()
+    state = {}
+    for key in hf.state_dict():
+        if key == "lm_head.weight":
+            state[key] = ours["lm_head.weight" if not cfg.tie_embeddings else "embed_tokens.weight"]
+        else:
+            state[key] = ours[key[len("model."):] if key.startswith("model.") else key]
+    hf.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    # buffers (RoPE's inv_freq) were made on the meta device: build them for real
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hc).to(ours["embed_tokens.weight"].device)
+    return hf.eval()
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer that came with a model (HF directory, GGUF, or our directory when convert saved
     one), or None when there is none."""

@@ -30,7 +30,6 @@ from common.errors import CurateError
 from trainer.model import LlamaMoE, ModelConfig
 from trainer.moe import BALANCE_LOSSES, GATE_INITS, GATES, MoEConfig
 
-GENERATED_SEQS_PER_EXPERT = 4     # calibration sequences sampled from the dense model when no text is given
 METHODS = ("independent-random", "independent-clustering", "sharing-inner", "sharing-inter")
 
 
@@ -486,19 +485,21 @@ def calibration_tokens(source: str | Path | None, dense_path: str | Path, cfg: M
 
 @torch.no_grad()
 def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
-    """[num_seqs, seq_len + 1] sequences sampled from the dense model itself (temperature 1, from its BOS
-    token): the data-free stand-in when no calibration text exists. What the model writes is the
-    distribution its FFNs were trained on, which random tokens are not; real text is still better."""
-    gen = torch.Generator().manual_seed(seed)
+    """[num_seqs, seq_len + 1] sequences sampled from the dense model itself (temperature 1, no top-k or
+    top-p, from its BOS token): the data-free stand-in when no calibration text exists. What the model
+    writes is the distribution its FFNs were trained on, which random tokens are not; real text is still
+    better. Sampled by transformers' `generate` on the same weights, with its KV cache (n x T token
+    forwards instead of n x T^2 / 2); end-of-text is not sampled before the last token."""
+    from trainer.checkpoint_io import hf_from_dense
+
+    hf = hf_from_dense(model)
     start = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else 0
-    seqs = torch.full((num_seqs, 1), int(start), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    for _ in range(seq_len):
-        probs = torch.softmax(model(seqs).logits[:, -1].float(), dim=-1)
-        seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=gen)], dim=1)
-    model.train(was_training)
-    return seqs
+    prompt = torch.full((num_seqs, 1), int(start), dtype=torch.long, device=model.embed_tokens.weight.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seqs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+                           top_k=0, top_p=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len)
+    return seqs.cpu()
 
 
 def convert_steps(method: str, gate_init: str) -> list[str]:
@@ -541,10 +542,8 @@ def convert_dense(dense: str | Path, s: ConvertConfig, log: Callable[[str], None
     if method.startswith("sharing") or gate_init == "fitted":
         n, T = s.experts * s.calib_seqs, min(s.calib_len, cfg.max_seq_len)
         if s.calib_data is None:
-            # not random tokens: text the dense model writes itself (see generated_calibration). Sampling
-            # without a KV cache costs ~n * T^2 / 2 token-forwards, so the fallback keeps to 4 per expert
-            # (a SmolLM2 conversion stays at minutes on a CPU); real text takes the full calib_seqs.
-            n = s.experts * min(s.calib_seqs, GENERATED_SEQS_PER_EXPERT)
+            # not random tokens: text the dense model writes itself (see generated_calibration; with
+            # the KV cache, 128 x 128 tokens of SmolLM2-135M take about a minute on two CPU cores)
             calib = generated_calibration(model, n, T, s.seed)
             note = f"{n} x {T + 1} tokens sampled from the dense model (seed {s.seed}): no calibration data given"
             log(f"calibration: {note} -- pass --calib-data for importance measured on real text")
