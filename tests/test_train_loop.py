@@ -292,3 +292,25 @@ def test_distillation_from_a_teacher_equal_to_the_student_adds_zero_kl(tokdir, t
     met = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert abs(met[0]["distill_kl"]) < 1e-6                    # before any update: identical models
     assert met[-1]["distill_kl"] > 1e-4                         # the student has moved away since
+
+
+def test_garbage_is_collected_on_a_schedule_and_the_automatic_collector_comes_back(tokdir, tmp_path):
+    """train.gc_every_steps: while the loop runs no automatic collection can land in a step; a
+    young-generation collection runs every N steps instead, and the collector is on again afterwards."""
+    import gc
+
+    seen: list[tuple[int, bool]] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            seen.append((info["generation"], gc.isenabled()))
+
+    cfg = train_config(tmp_path / "t.yaml", tokdir, {"path": str(tiny_moe(tmp_path / "m.yaml", "linear"))},
+                       max_steps=12, checkpoint_every=None, gc_every_steps=4)
+    gc.callbacks.append(watch)
+    try:
+        run_cli("train", "--config", cfg, "--out", tmp_path / "run")
+    finally:
+        gc.callbacks.remove(watch)
+    assert gc.isenabled()
+    assert [g for g, enabled in seen if not enabled] == [1, 1, 1]     # after steps 4, 8 and 12, nothing else

@@ -131,6 +131,10 @@ class TrainSection:
     activation_checkpointing: bool = setting(False, "recompute block activations in backward (less memory)")
     parallel: str = setting("auto", "auto (ddp under torchrun with >1 rank) | none | ddp | fsdp2")
     dataloader_workers: int = setting(0, "processes copying sequences from the token shards")
+    gc_every_steps: int | None = setting(50, "Python's automatic garbage collection is off in the loop and a "
+                                         "young-generation collection runs every N steps instead (as torchtitan): "
+                                         "an automatic full collection stalls whichever step it lands in; null: "
+                                         "Python's own")
     peak_flops: float | None = setting(None, "per-device peak FLOP/s for MFU; null: known GPUs only")
     distill: DistillConfig | None = setting(None, "{teacher: PATH, weight, temperature}: KL to the teacher's logits; null: no distillation")
 
@@ -152,6 +156,8 @@ class TrainSection:
         choice(self.device, ("auto", "cpu", "cuda"), "train.device")
         choice(self.parallel, ("auto", "none", "ddp", "fsdp2"), "train.parallel")
         non_negative(self.dataloader_workers, "train.dataloader_workers")
+        if self.gc_every_steps is not None:
+            positive(self.gc_every_steps, "train.gc_every_steps")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise CurateError(f"train.peak_flops must be > 0, got {self.peak_flops}")
         if self.distill is not None:
@@ -193,7 +199,7 @@ class TrainConfig:
 # Keys that may change between a run and its resume without changing what is computed.
 UNHASHED_KEYS = {("out",), ("train", "max_steps"), ("train", "max_tokens"), ("train", "checkpoint_every"),
                  ("train", "keep_checkpoints"), ("train", "log_every"), ("train", "dataloader_workers"),
-                 ("train", "peak_flops")}
+                 ("train", "peak_flops"), ("train", "gc_every_steps")}
 
 
 def hashed_view(d: dict) -> dict:

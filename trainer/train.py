@@ -13,6 +13,7 @@ steps a checkpoint is written.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -230,12 +231,23 @@ class Trainer:
 
     def fit(self, resume: bool) -> Path:
         self.setup(resume)
-        t = self.cfg.train
         if self.step == 0:                      # initial weights and the starting model's losses
             self.logger.message(f"evaluating the starting model: held-out loss on {len(self.eval_sequences)} "
                                 "domain(s)")
             self.evaluate()
         self.model.train()
+        collector = PeriodicGC(self.cfg.train.gc_every_steps)
+        try:
+            self.loop(collector)
+        finally:
+            collector.close()
+        self.stream.close()
+        self.logger.close()
+        return self.run_dir
+
+    def loop(self, collector: PeriodicGC) -> None:
+        """Optimizer steps up to max_steps, with logging, evaluations and checkpoints as they fall due."""
+        t = self.cfg.train
         busy, busy_tokens = 0.0, 0      # time in training steps since the last log (not eval, checkpoints)
         while self.step < self.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -268,9 +280,7 @@ class Trainer:
                 self.evaluate()
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps:
                 self.save()
-        self.stream.close()
-        self.logger.close()
-        return self.run_dir
+            collector.step(self.step)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns this rank's mean loss and balance loss."""
@@ -390,6 +400,28 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------- RNG
+
+
+class PeriodicGC:
+    """Garbage collection on a schedule while the loop runs: Python's automatic collector off, a
+    young-generation collection every `every` steps (torchtitan does the same). An automatic full
+    collection walks every live object -- many thousands once a model is compiled -- inside whichever
+    step allocates at the wrong moment. `every` None leaves the automatic collector alone. `close`
+    restores the collector's state as it was."""
+
+    def __init__(self, every: int | None) -> None:
+        self.every, self.was_enabled = every, gc.isenabled()
+        if every:
+            gc.collect(1)
+            gc.disable()
+
+    def step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.every and self.was_enabled:
+            gc.enable()
 
 
 def seed_everything(seed: int) -> None:
