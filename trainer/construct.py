@@ -377,8 +377,8 @@ def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
     norm of its (scaled) output on x, centred over the experts -- which experts matter for this token --
     and then over the tokens, so no expert is preferred for every token: fitted on the raw targets, the
     experts whose outputs are large everywhere take most tokens (on SmolLM2-135M the worst layer's
-    busiest expert got 40% of the held-out assignments before training and after 8.2M tokens; centred,
-    29% before training). The gate is the ridge regression of those targets on x (one closed-form
+    busiest expert got about 40% of the held-out assignments, before training and after 8.2M tokens;
+    centred, 28% before training). The gate is the ridge regression of those targets on x (one closed-form
     solve), so W x ranks the experts as their outputs do and the softmax over the top k weighs them.
     Returns, per layer, the fraction of tokens whose top-k set the fitted gate gets exactly right."""
     inputs: dict[int, list[torch.Tensor]] = {l: [] for l in range(len(dense.layers))}
@@ -489,7 +489,7 @@ def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: in
     top-p, from its BOS token): the data-free stand-in when no calibration text exists. What the model
     writes is the distribution its FFNs were trained on, which random tokens are not; real text is still
     better. Sampled by transformers' `generate` on the same weights, with its KV cache (n x T token
-    forwards instead of n x T^2 / 2); end-of-text is not sampled before the last token."""
+    forwards instead of n x T^2 / 2); end-of-text is never sampled, so every sequence is full length."""
     from trainer.checkpoint_io import hf_from_dense
 
     hf = hf_from_dense(model)

@@ -399,9 +399,6 @@ class Trainer:
         self.logger.message(f"checkpoint {path}")
 
 
-# ----------------------------------------------------------------------------------------- RNG
-
-
 class PeriodicGC:
     """Garbage collection on a schedule while the loop runs: Python's automatic collector off, a
     young-generation collection every `every` steps (torchtitan does the same). An automatic full
@@ -422,6 +419,10 @@ class PeriodicGC:
     def close(self) -> None:
         if self.every and self.was_enabled:
             gc.enable()
+
+
+
+# ----------------------------------------------------------------------------------------- RNG
 
 
 def seed_everything(seed: int) -> None:
