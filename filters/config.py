@@ -186,7 +186,7 @@ class ThresholdSection:
         high = self.keep_if == "high"
         p = np.where(alive, np.asarray(scores[column], dtype=np.float64), np.nan)
         res = domain_thresholds(-p if high else p, dom, self.drop_fraction, inclusive=not high)
-        _check_sampled(name, self.drop_fraction, res)
+        _check_sampled(f"{name}.drop_fraction", self.drop_fraction, res)
         sign = -1.0 if high else 1.0
         return dataclasses.replace(
             self, threshold=self.threshold if res.default is None else sign * res.default,
@@ -318,12 +318,12 @@ class DisfluencyConfig:
         dis = np.asarray(scores["disfluency_score"], dtype=np.float64) if d.fluency_model else None
         if d.fluency_drop_fraction is not None:
             res = domain_thresholds(np.where(alive, dis, np.nan), dom, d.fluency_drop_fraction, inclusive=True)
-            _check_sampled(f"{name}.fluency", d.fluency_drop_fraction, res)
+            _check_sampled(f"{name}.fluency_drop_fraction", d.fluency_drop_fraction, res)
             d = dataclasses.replace(d, fluency_threshold=_merge(d.fluency_threshold, res), fluency_drop_fraction=None,
                                     fluency_calibrated=res.record(d.fluency_drop_fraction))
         if d.drop_fraction is not None and ppl is None:      # classifier only: calibrate its threshold
             res = domain_thresholds(np.where(alive, dis, np.nan), dom, d.drop_fraction, inclusive=True)
-            _check_sampled(name, d.drop_fraction, res)
+            _check_sampled(f"{name}.drop_fraction", d.drop_fraction, res)
             d = dataclasses.replace(d, fluency_threshold=_merge(d.fluency_threshold, res), drop_fraction=None,
                                     calibrated=res.record(d.drop_fraction))
         elif d.drop_fraction is not None:
@@ -335,7 +335,7 @@ class DisfluencyConfig:
             else:                           # only documents the classifier flags can go
                 res = domain_thresholds(np.where(alive, ppl, np.nan), dom, d.drop_fraction, inclusive=False,
                                         eligible=flagged)
-            _check_sampled(name, d.drop_fraction, res)
+            _check_sampled(f"{name}.drop_fraction", d.drop_fraction, res)
             d = dataclasses.replace(d, max_perplexity=_merge(d.max_perplexity, res), drop_fraction=None,
                                     calibrated=res.record(d.drop_fraction))
         return d
@@ -433,6 +433,8 @@ class FilterConfig:
             return dataclasses.replace(self, disfluency=section)
         if name in self.extra:
             return dataclasses.replace(self, extra={**self.extra, name: asdict(section)})
+        if name not in {c.name for c in self.classifiers}:
+            raise ValueError(f"no filter section named {name!r}")
         return dataclasses.replace(self, classifiers=[section if c.name == name else c for c in self.classifiers])
 
     def needs_calibration(self) -> bool:
@@ -485,9 +487,9 @@ def _parse(raw: dict) -> FilterConfig:
         cfg.ads.check("ads")
     for i, c in enumerate(cfg.classifiers):
         c.check(f"classifiers[{i}]")
-        if c.name in RESERVED_NAMES or c.name in {o.name for o in cfg.classifiers[:i]}:
-            raise CurateError(f"classifiers[{i}].name {c.name!r} is already used (ads, disfluency, length and "
-                              f"each classifier name are reasons, so they must differ)")
+        if c.name in RESERVED_NAMES or c.name in classes or c.name in {o.name for o in cfg.classifiers[:i]}:
+            raise CurateError(f"classifiers[{i}].name {c.name!r} is already used (ads, disfluency, length, each "
+                              f"plugin section and each classifier name are reasons, so they must differ)")
     if cfg.disfluency is not None:
         cfg.disfluency.check("disfluency")
     for name, cls in classes.items():
@@ -575,15 +577,16 @@ def small_samples(cfg: FilterConfig) -> list[str]:
     return out
 
 
-def _check_sampled(section: str, fraction: PerDomain, res) -> None:
+def _check_sampled(key: str, fraction: PerDomain, res) -> None:
+    """`key`: the config key the fraction came from, as the user wrote it."""
     if isinstance(fraction, dict):
         missing = sorted(set(fraction) - set(res.thresholds))
         if missing:
-            raise CurateError(f"{section}.drop_fraction names {', '.join(missing)}, but the calibration sample has "
+            raise CurateError(f"{key} names {', '.join(missing)}, but the calibration sample has "
                               f"no scored document of that domain: raise calibration.max_shards / max_docs, "
                               f"or leave the domain out")
     elif not res.thresholds:
-        raise CurateError(f"{section}.drop_fraction: the calibration sample has no document this filter scores")
+        raise CurateError(f"{key}: the calibration sample has no document this filter scores")
 
 
 def _merge(old: PerDomain | None, res) -> dict[str, float]:

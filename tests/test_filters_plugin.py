@@ -90,7 +90,10 @@ def test_bad_plugin_settings_are_refused(plugin_dir, tmp_path):
                          ({"plugins": ["caps_filter"], "caps": {"threshold": 1.5}}, "caps.threshold"),
                          ({"plugins": ["caps_filter"], "caps": {"min_letters": "many", "threshold": 0.5}}, "caps.min_letters"),
                          ({"plugins": ["no_such_module"]}, "no_such_module"),
-                         ({"caps": {"threshold": 0.5}}, "unknown key")):
+                         ({"caps": {"threshold": 0.5}}, "unknown key"),
+                         # a classifier named like the plugin's section would share its reason and its calibration
+                         ({"plugins": ["caps_filter"], "caps": {"threshold": 0.5},
+                           "classifiers": [{"name": "caps", "model": "q.bin", "label": "hq"}]}, "already used")):
         config = tmp_path / "f.yaml"
         config.write_text(yaml.safe_dump(cfg))
         proc = run_cli("filter", tmp_path, "--out", tmp_path / "o", "--config", config, check=False)
