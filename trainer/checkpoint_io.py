@@ -223,6 +223,16 @@ def dense_from_hf(hf, where: str = "transformers model") -> tuple[LlamaMoE, Mode
     return _build(cfg, state, where), cfg
 
 
+def hf_config_kwargs(cfg: ModelConfig, intermediate_size: int) -> dict:
+    """The arguments transformers' LlamaConfig and MixtralConfig share, for our config."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+
+
 def hf_from_dense(model: LlamaMoE):
     """transformers' LlamaForCausalLM (eval mode) holding (sharing, not copying) our dense model's weights:
     the inverse of `dense_from_hf`, for what transformers does well that our training model does not need
@@ -232,12 +242,7 @@ def hf_from_dense(model: LlamaMoE):
     cfg = model.cfg
     if cfg.moe is not None:
         raise CurateError("hf_from_dense takes a dense LLaMA, not a mixture-of-experts model")
-    hc = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.eos_token_id)
+    hc = LlamaConfig(**hf_config_kwargs(cfg, cfg.intermediate_size), pad_token_id=cfg.eos_token_id)
     with torch.device("meta"):
         hf = LlamaForCausalLM(hc)
     ours = model.state_dict()
@@ -251,7 +256,7 @@ def hf_from_dense(model: LlamaMoE):
     if cfg.tie_embeddings:
         hf.tie_weights()
     # buffers (RoPE's inv_freq) were made on the meta device: build them for real
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hc).to(ours["embed_tokens.weight"].device)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hc).to(ours["embed_tokens.weight"].device)
     return hf.eval()
 
 

@@ -93,14 +93,11 @@ def check_no_selection_bias(model) -> None:
 def mixtral_config(cfg):
     from transformers import MixtralConfig
 
+    from trainer.checkpoint_io import hf_config_kwargs
+
     m = cfg.moe
-    return MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=m.expert_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        num_local_experts=m.num_experts, num_experts_per_tok=m.top_k, router_jitter_noise=0.0,
-        sliding_window=None, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    return MixtralConfig(**hf_config_kwargs(cfg, m.expert_size), num_local_experts=m.num_experts,
+                         num_experts_per_tok=m.top_k, router_jitter_noise=0.0, sliding_window=None)
 
 
 def to_mixtral(model, cfg):
