@@ -160,13 +160,18 @@ def test_sampling_goes_through_transformers_on_our_weights(tie):
     with torch.no_grad():
         ours, theirs = model(x).logits, hf_from_dense(model)(x).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
-    # the second token of sequences started from token 0, against the model's own distribution after [0]
+    # Every sampled token (drawn through the KV cache) scored by our model without a cache: when each
+    # follows its own conditional, log p(token) averages to the conditionals' mean -entropy; sampling at
+    # another temperature, with a top-k cut or from other conditionals moves the average away.
+    with torch.no_grad():     # sharper next-token distributions than the random init gives
+        model.embed_tokens.weight.mul_(40)
+        if not tie:
+            model.lm_head.weight.mul_(40)
+    seqs = generated_calibration(model, 2000, 6, seed=1)
     with torch.no_grad():
-        p = torch.softmax(model(torch.zeros(1, 1, dtype=torch.long)).logits[0, -1], -1)
-    n = 4000
-    seen = torch.bincount(generated_calibration(model, n, 1, seed=1)[:, 1], minlength=80).float() / n
-    sd = (p * (1 - p) / n).sqrt()
-    assert ((seen - p).abs() / sd).max() < 5, "samples do not follow the model's distribution"
+        logp = torch.log_softmax(model(seqs[:, :-1]).logits, -1)
+    d = (logp.gather(-1, seqs[:, 1:, None])[..., 0] - (logp.exp() * logp).sum(-1)).flatten()
+    assert abs(d.mean()) < 5 * d.std() / d.numel() ** 0.5, "samples do not follow the model's distribution"
 
 
 def test_bad_settings_are_refused_with_the_reason():
@@ -253,7 +258,7 @@ def test_a_fitted_router_does_not_send_every_token_to_an_expert_that_is_loud_eve
     with torch.no_grad():
         moe.eval()(held_out[:, :-1])
     for layer, load in moe.expert_load().items():
-        assert load.max() < 0.6, (layer, load.tolist())   # raw targets: expert 0 gets ~100%
+        assert load.max() < 0.45, (layer, load.tolist())  # raw targets: expert 0 gets 80% in layer 0
 
 
 def test_fitted_gate_needs_a_linear_router(tmp_path):

@@ -17,6 +17,7 @@ and a zero gate (every expert selected with weight 1/E, times E) the MoE compute
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,7 +381,8 @@ def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
     busiest expert got about 40% of the held-out assignments, before training and after 8.2M tokens;
     centred, 28% before training). The gate is the ridge regression of those targets on x (one closed-form
     solve), so W x ranks the experts as their outputs do and the softmax over the top k weighs them.
-    Returns, per layer, the fraction of tokens whose top-k set the fitted gate gets exactly right."""
+    Returns, per layer, the fraction of tokens whose top-k set under the fitted gate is exactly the
+    top-k of their (centred) targets."""
     inputs: dict[int, list[torch.Tensor]] = {l: [] for l in range(len(dense.layers))}
     hooks = [layer.mlp.register_forward_pre_hook(lambda _m, inp, l=l: inputs[l].append(inp[0].reshape(-1, inp[0].shape[-1])))
              for l, layer in enumerate(dense.layers)]
@@ -407,8 +409,8 @@ def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
         want = z.topk(k, dim=1).indices.sort(1).values
         got = (x @ w).topk(k, dim=1).indices.sort(1).values
         agreement.append(float((want == got).all(1).float().mean()))
-    log(f"fitted routers on {calibration.shape[0]} x {calibration.shape[1] - 1} tokens: the gate's top-k matches "
-        f"the experts with the largest outputs for {sum(agreement) / len(agreement):.0%} of tokens "
+    log(f"fitted routers on {calibration.shape[0]} x {calibration.shape[1] - 1} tokens: the gate's top-k is "
+        f"the top-k of the fitted targets for {sum(agreement) / len(agreement):.0%} of tokens "
         f"(layers {min(agreement):.0%}-{max(agreement):.0%}; random: {_chance(moe):.0%})")
     return agreement
 
@@ -483,6 +485,16 @@ def calibration_tokens(source: str | Path | None, dense_path: str | Path, cfg: M
     return ids, note
 
 
+@contextlib.contextmanager
+def cpu_seeded(seed: int):
+    """The CPU's default generator seeded for the block and restored after, nothing else touched:
+    `torch.manual_seed` would also reseed every CUDA generator, and a conversion run on the fly by
+    `curate train` would then replace the training seed's gate noise with the conversion seed's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
     """[num_seqs, seq_len + 1] sequences sampled from the dense model itself (temperature 1, no top-k or
@@ -495,8 +507,7 @@ def generated_calibration(model: LlamaMoE, num_seqs: int, seq_len: int, seed: in
     hf = hf_from_dense(model)
     start = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else 0
     prompt = torch.full((num_seqs, 1), int(start), dtype=torch.long, device=model.embed_tokens.weight.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         seqs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
                            top_k=0, top_p=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len)
     return seqs.cpu()
@@ -513,8 +524,7 @@ def load_dense(dense: str | Path, seed: int = 0) -> tuple[LlamaMoE, ModelConfig]
     from trainer.checkpoint_io import load_model
 
     # a model config is initialised randomly: seeded, so the same command converts the same model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         model, cfg = load_model(dense, device="cpu", dtype=torch.float32)
     if cfg.moe is not None:
         raise CurateError(f"{dense} is already a mixture-of-experts model; give a dense LLaMA")
