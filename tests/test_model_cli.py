@@ -146,4 +146,10 @@ def test_convert_reports_dense_and_converted_heldout_loss(tokdir, tmp_path):  # 
 
     bad = run_cli("convert", *common[:-6], "--tokens", tmp_path, "--out", tmp_path / "x", "--experts", 4,
                   "--top-k", 2, check=False)
-    assert bad.returncode == 2 and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "manifest" in bad.stderr and not (tmp_path / "x").exists()
+    # token ids the model has no embedding for: refused before the conversion, though no tokenizer is known
+    small = tmp_path / "small.yaml"
+    small.write_text(dense.read_text().replace("vocab_size: 512", "vocab_size: 64"))
+    bad = run_cli("convert", "--dense", small, *common[2:], "--out", tmp_path / "y", "--experts", 4, "--top-k", 2,
+                  check=False)
+    assert bad.returncode == 2 and "vocabulary of 512" in bad.stderr and not (tmp_path / "y").exists(), bad.stderr

@@ -296,7 +296,9 @@ def test_distillation_from_a_teacher_equal_to_the_student_adds_zero_kl(tokdir, t
 
 def test_garbage_is_collected_on_a_schedule_and_the_automatic_collector_comes_back(tokdir, tmp_path):
     """train.gc_every_steps: while the loop runs no automatic collection can land in a step; a
-    young-generation collection runs every N steps instead, and the collector is on again afterwards."""
+    young-generation collection runs every N steps instead, a full one after each evaluation (every 4
+    steps here, when the sampler reweights) and the final checkpoint, and the collector is on again
+    afterwards."""
     import gc
 
     seen: list[tuple[int, bool]] = []
@@ -306,11 +308,12 @@ def test_garbage_is_collected_on_a_schedule_and_the_automatic_collector_comes_ba
             seen.append((info["generation"], gc.isenabled()))
 
     cfg = train_config(tmp_path / "t.yaml", tokdir, {"path": str(tiny_moe(tmp_path / "m.yaml", "linear"))},
-                       max_steps=12, checkpoint_every=None, gc_every_steps=4)
+                       max_steps=12, checkpoint_every=None, gc_every_steps=3)
     gc.callbacks.append(watch)
     try:
         run_cli("train", "--config", cfg, "--out", tmp_path / "run")
     finally:
         gc.callbacks.remove(watch)
     assert gc.isenabled()
-    assert [g for g, enabled in seen if not enabled] == [1, 1, 1]     # after steps 4, 8 and 12, nothing else
+    # steps 3, 6, 9: young; 4, 8: evaluated; 12: evaluated and saved; nothing else
+    assert [g for g, enabled in seen if not enabled] == [1, 2, 1, 2, 1, 2]

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None:
         from samplers.packed import PackedTokens
         from trainer.preflight import check_same_tokenizer
-        PackedTokens(args.tokens)        # a clear error for a directory `curate tokenize` did not write
+        tokens = PackedTokens(args.tokens)   # a clear error for a directory `curate tokenize` did not write
         check_same_tokenizer(args.tokens, tok_sha, args.dense, "--tokens")
 
     t0 = time.time()
@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     with Progress(steps, "convert", unit="step", enabled=args.progress) as bar:
         say = lambda text: bar.note(text, file=sys.stdout)  # noqa: E731  (messages go above the bar)
         dense, _ = load_dense(args.dense, s.seed)
+        if args.tokens is not None:     # also where the tokenizer is unknown (a model config): ids must fit
+            from trainer.preflight import check_vocab_fits
+            check_vocab_fits(tokens.vocab_size, dense.cfg.vocab_size, args.tokens, "--tokens")
         model, cfg = convert_dense(args.dense, s, log=say, model=dense, progress=bar)
         tokenizer = load_tokenizer(args.dense)
         record = {"conversion": {

@@ -81,6 +81,13 @@ def check_same_tokenizer(tokdir: str | Path, model_sha: str | None, where: str, 
             f"words. Tokenize with the model's own tokenizer: curate tokenize DIR --tokenizer {where} --out TOKDIR")
 
 
+def check_vocab_fits(tokens_vocab: int, model_vocab: int, tokdir: str | Path, what: str) -> None:
+    """Refuse token ids the model has no embedding for (the tokenizer may be unknown on either side)."""
+    if tokens_vocab > model_vocab:
+        raise CurateError(f"{what} {tokdir} was tokenized with a vocabulary of {tokens_vocab}, larger than the "
+                          f"model's {model_vocab}: tokenize with the model's own tokenizer")
+
+
 def check_reference_losses(sampler: dict, tokdir: str | Path, seq_len: int) -> None:
     """Reference losses are per-token losses of one tokenizer at one context length: another tokenizer
     splits text differently and a longer context lowers the loss, so neither is comparable. The

@@ -165,10 +165,8 @@ class Trainer:
             check_reference_losses(cfg.sampler, cfg.data.tokens, cfg.data.seq_len)
         seed_everything(t.seed)                 # the same initial weights on every rank
         model, self.model_cfg = self.build_model(checkpoint)
-        if self.tokens.vocab_size > self.model_cfg.vocab_size:
-            raise CurateError(f"data.tokens {cfg.data.tokens} was tokenized with a vocabulary of "
-                              f"{self.tokens.vocab_size}, larger than the model's {self.model_cfg.vocab_size}: "
-                              "tokenize with the model's own tokenizer")
+        from trainer.preflight import check_vocab_fits
+        check_vocab_fits(self.tokens.vocab_size, self.model_cfg.vocab_size, cfg.data.tokens, "data.tokens")
         if cfg.data.seq_len > self.model_cfg.max_seq_len:
             raise CurateError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len "
                               f"{self.model_cfg.max_seq_len}")
@@ -276,11 +274,13 @@ class Trainer:
                 t.eval_every_tokens is not None and self.tokens_seen >= self.next_eval)
             if self.step == self.max_steps:
                 self.logger.message(f"step {self.step}: evaluating the final model, then writing the checkpoint")
-            if due or self.step == self.max_steps:     # and the final model's held-out losses
+            paused = due or self.step == self.max_steps
+            if paused:                                  # and the final model's held-out losses
                 self.evaluate()
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps:
                 self.save()
-            collector.step(self.step)
+                paused = True
+            collector.step(self.step, paused)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns this rank's mean loss and balance loss."""
@@ -401,10 +401,11 @@ class Trainer:
 
 class PeriodicGC:
     """Garbage collection on a schedule while the loop runs: Python's automatic collector off, a
-    young-generation collection every `every` steps (torchtitan does the same). An automatic full
-    collection walks every live object -- many thousands once a model is compiled -- inside whichever
-    step allocates at the wrong moment. `every` None leaves the automatic collector alone. `close`
-    restores the collector's state as it was."""
+    young-generation collection every `every` steps (torchtitan does the same), and a full one after
+    an evaluation or a checkpoint, where the loop has paused anyway (so cycles that outlived two young
+    collections are freed too). An automatic full collection walks every live object -- many thousands
+    once a model is compiled -- inside whichever step allocates at the wrong moment. `every` None leaves
+    the automatic collector alone. `close` restores the collector's state as it was."""
 
     def __init__(self, every: int | None) -> None:
         self.every, self.was_enabled = every, gc.isenabled()
@@ -412,8 +413,10 @@ class PeriodicGC:
             gc.collect(1)
             gc.disable()
 
-    def step(self, step: int) -> None:
-        if self.every and step % self.every == 0:
+    def step(self, step: int, paused: bool = False) -> None:
+        if self.every and paused:
+            gc.collect()
+        elif self.every and step % self.every == 0:
             gc.collect(1)
 
     def close(self) -> None:
