@@ -97,8 +97,8 @@ class OptimSection:
 
 @dataclass
 class DistillConfig:
-    """Distillation from a teacher (the dense model, usually): loss += weight * T^2 * KL(teacher || student)
-    on the softened next-token distributions of the same batch."""
+    """Distillation from a teacher (the dense model, usually): loss = label_weight * cross-entropy + balance
+    + weight * T^2 * KL(teacher || student) on the softened next-token distributions of the same batch."""
     teacher: str = setting("", "the teacher: any model `load_model` reads (HF dir, .gguf, our model dir)")
     weight: float = setting(1.0, "weight of the KL term")
     temperature: float = setting(1.0, "softmax temperature of both distributions")
@@ -118,7 +118,7 @@ class TrainSection:
     max_tokens: int | None = setting(None, "training tokens (rounded up to whole steps)")
     seed: int = setting(0, "initialisation and gate noise (the data order: sampler.seed)")
     eval_every_tokens: int | None = setting(None, "evaluate also every N tokens; null: only when the sampler reweights (and at the start and end)")
-    eval_batches: int = setting(16, "held-out micro-batches per domain per evaluation (16 x 8 x 512 = 65,536 tokens, "
+    eval_batches: int = setting(16, "held-out micro-batches per domain per evaluation (at micro-batches of 8 x 512: 65,536 tokens, "
                                 "`curate tokenize`'s default held-out set. On SmolLM2 with 16k tokens, noise alone moved the "
                                 "most-moved weight of an update by 10% (median; 21% p95), with 65k by 5% (11%): "
                                 "benchmarks/eval_spread.py)")
@@ -136,7 +136,7 @@ class TrainSection:
                                          "an automatic full collection stalls whichever step it lands in; null: "
                                          "Python's own")
     peak_flops: float | None = setting(None, "per-device peak FLOP/s for MFU; null: known GPUs only")
-    distill: DistillConfig | None = setting(None, "{teacher: PATH, weight, temperature}: KL to the teacher's logits; null: no distillation")
+    distill: DistillConfig | None = setting(None, "{teacher: PATH, weight, temperature, label_weight}: KL to the teacher's logits; null: no distillation")
 
     def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:

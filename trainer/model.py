@@ -246,6 +246,6 @@ class LlamaMoE(nn.Module):
                 if m.last_counts is not None}
 
     def set_expert_impl(self, impl: str) -> None:
-        """"auto" (grouped_mm on CUDA in bf16, exact loop elsewhere), "grouped" or "loop"."""
+        """"auto" (grouped_mm on CUDA in bf16, exact loop elsewhere), "grouped", "fused" (trainer/fused_moe.py) or "loop"."""
         for m in self.moe_layers().values():
             m.impl = impl
