@@ -52,6 +52,14 @@ RUNS = {
     "sharing-inner-fitted": ("SharingInner + fitted router", ["METHOD=sharing-inner", "--gate-init", "fitted",
                                                              "--calib-data", "CALIB"], None),
     "fitted-distill": ("fitted router + distillation (KL + labels)", ["--gate-init", "fitted", "--calib-data", "CALIB"], KD),
+    # round 4: does stronger balancing keep layer 29's experts alive (cv2 at 10x the paper's weight; the bias
+    # moving 5x faster), and what does it cost in loss
+    "cv2-0.1": ("cv2 balance loss at weight 0.1 (the paper's: 0.01)", ["--balance-coef", "0.1"], None),
+    "fitted-cv2-0.1": ("fitted router + cv2 at weight 0.1", ["--gate-init", "fitted", "--calib-data", "CALIB",
+                                                           "--balance-coef", "0.1"], None),
+    "bias-fast": ("bias balancing, rate 0.05 per step (default 0.01)", ["--balance-loss", "bias", "--bias-rate", "0.05"], None),
+    "fitted-bias-fast": ("fitted router + bias balancing, rate 0.05", ["--gate-init", "fitted", "--calib-data", "CALIB",
+                                                                      "--balance-loss", "bias", "--bias-rate", "0.05"], None),
     "bias-distill-kl": ("bias balancing + distillation, the KL alone", ["--balance-loss", "bias"], KD_ONLY),
     "clustering": ("IndependentClustering", ["METHOD=independent-clustering"], None),
     "sharing-inner": ("SharingInner", ["METHOD=sharing-inner", "--calib-data", "CALIB"], None),

@@ -50,6 +50,8 @@ class ConvertConfig:
     balance_loss: str = setting("cv2", "cv2 (the paper's CV^2 importance + CV^2 load) | switch | bias (no auxiliary "
                                 "loss; a per-expert selection bias follows the load, DeepSeek-V3) | none")
     balance_coef: float = setting(0.01, "weight of the balance loss (cv2, switch)")
+    bias_rate: float = setting(1e-2, "balance_loss bias: how far each step moves an expert's selection bias "
+                               "(in logits) toward its share of the load")
     shared_size: int | None = setting(None, "sharing-inter only: neurons in the always-on shared part; null: about one expert")
     calib_data: str | None = setting(None, "sharing-* and gate_init fitted: a `curate tokenize` dir or a .txt/.jsonl "
                                      "file; null: text sampled from the dense model itself")
@@ -72,6 +74,7 @@ class ConvertConfig:
         non_negative(self.seed, f"{where}.seed")
         choice(self.balance_loss, tuple(b or "none" for b in BALANCE_LOSSES), f"{where}.balance_loss")
         non_negative(self.balance_coef, f"{where}.balance_coef")
+        non_negative(self.bias_rate, f"{where}.bias_rate")
         if self.shared_size is not None:
             non_negative(self.shared_size, f"{where}.shared_size")
         positive(self.calib_seqs, f"{where}.calib_seqs")
@@ -297,7 +300,7 @@ def build_moe(dense: LlamaMoE, s: ConvertConfig, calibration: torch.Tensor | Non
     moe_cfg = MoEConfig(num_experts=s.experts, top_k=s.top_k, expert_size=expert_size, scale=s.scale,
                         gate=s.gate, gate_init=s.gate_init,
                         balance_loss=None if s.balance_loss == "none" else s.balance_loss,
-                        balance_coef=s.balance_coef, shared_intermediate_size=shared_size, method=s.method,
+                        balance_coef=s.balance_coef, bias_rate=s.bias_rate, shared_intermediate_size=shared_size, method=s.method,
                         seed=s.seed, calibration=calibration_note, partition=partition)
     cfg = ModelConfig(**{**dcfg.to_dict(), "moe": moe_cfg})
     model = apply_partition(dense, cfg, s.seed)

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bias: no auxiliary loss, a per-expert selection bias follows the load (DeepSeek-V3)")
     p.add_argument("--balance-coef", type=float, default=d.balance_coef, metavar="C",
                    help=f"weight of the cv2/switch balance loss (default: {d.balance_coef})")
+    p.add_argument("--bias-rate", type=float, default=d.bias_rate, metavar="R",
+                   help=f"--balance-loss bias: the selection bias's step per training step, in logits "
+                        f"(default: {d.bias_rate})")
     p.add_argument("--shared-size", type=int, default=d.shared_size, metavar="N",
                    help="sharing-inter: neurons in the always-on shared part (default: about one expert)")
     p.add_argument("--calib-data", default=d.calib_data, metavar="PATH",
