@@ -212,7 +212,7 @@ def cmd_report(args) -> int:
     # held-out loss curves
     fig, ax = plt.subplots(figsize=(9, 5))
     curves = [n for n in ("old-defaults", "new-defaults", "linear", "distill", "fitted", "lr-1e-3", "clustering",
-                          "sharing-inner", "sharing-inner-fitted-uncentred", "sharing-inter") if n in runs]
+                          "sharing-inner", "sharing-inner-fitted", "sharing-inter") if n in runs]
     for n in curves:
         h = runs[n]["eval_history"]
         ax.plot([e["tokens"] / 1e6 for e in h], [e["loss"] for e in h], marker="o", ms=3, label=runs[n]["label"])
@@ -228,7 +228,7 @@ def cmd_report(args) -> int:
     plt.close(fig)
 
     # routing: per layer, every expert's share at the end (old vs new defaults and the best runs)
-    shown = [n for n in ("old-defaults", "new-defaults", "linear", "fitted", "sharing-inner-fitted-uncentred",
+    shown = [n for n in ("old-defaults", "new-defaults", "fitted", "fitted-cv2-0.1", "sharing-inner-fitted",
                          "sharing-inter") if n in runs]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 6.2), sharey=True)
     axes = np.atleast_1d(axes)
