@@ -161,12 +161,12 @@ def cmd_run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / f"{args.name}.log", "a")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "runs": {}}
+              "torch": torch.__version__, "runs": {}, "runs_sharing_the_gpu": args.runs_sharing_gpu}
     result["dense"] = dense_losses(Path(args.gguf), Path(args.tokens), args.seq_len, args.micro_batch,
                                    args.eval_batches)
     for name in args.runs:
         try:
-            result["runs"][name] = r = run_one(name, args, work, log)
+            result["runs"][name] = r = {**run_one(name, args, work, log), "runs_sharing_the_gpu": args.runs_sharing_gpu}
             print(f"== {name}: loss {r['loss_start']:.3f} -> {r['loss_end']:.3f}; under 1%: {r['dead_end']}; "
                   f"busiest {r['busiest_end']:.1%} (layer {r['worst_layer_end']}); {r['tokens_per_s']:,.0f} tok/s; "
                   f"train {r['train_wall_s']}s", flush=True)
@@ -254,6 +254,8 @@ def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--name", default="part1", help="this call's result file: OUT/NAME.json")
     r.add_argument("--steps", type=int, default=125)
     r.add_argument("--eval-every-steps", type=int, default=25)
+    r.add_argument("--runs-sharing-gpu", type=int, default=1,
+                   help="how many study processes this call runs on the GPU at once (recorded beside tokens/s)")
 
 
 def main(argv=None) -> int:

@@ -112,6 +112,21 @@ def test_convert_refuses_bad_input_and_never_overwrites(dense_dir, tmp_path):
     assert proc.returncode == 2 and "equal experts" in proc.stderr and not (tmp_path / "m").exists()
 
 
+def test_bias_rate_flag_sets_the_step_the_bias_balancer_takes(dense_dir, tmp_path):
+    from trainer.checkpoint_io import load_model
+
+    run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "m", "--experts", 4, "--top-k", 2,
+            "--method", "independent-random", "--balance-loss", "bias", "--bias-rate", 0.05)
+    model, cfg = load_model(tmp_path / "m", device="cpu")
+    assert cfg.moe.bias_rate == 0.05
+    router = next(iter(model.moe_layers().values())).router
+    router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))     # over-, under- and evenly loaded experts
+    assert router.expert_bias.tolist() == pytest.approx([-0.05, 0.05, 0.0, 0.0])
+    proc = run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "n", "--experts", 4, "--top-k", 2,
+                   "--method", "independent-random", "--bias-rate", -1, check=False)
+    assert proc.returncode == 2 and "--bias-rate" in proc.stderr and not (tmp_path / "n").exists()
+
+
 def test_benchmark_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_speed.py"), "--smoke", "--out", str(out)],

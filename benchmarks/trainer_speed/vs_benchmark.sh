@@ -19,6 +19,7 @@ for r in $(seq 1 "$rounds"); do
   rm -rf "$out/run-$r"
   python -W ignore::UserWarning -m pipeline.cli train --config "$out/train.yaml" --out "$out/run-$r" > "$out/train-$r.log" 2>&1
   cp "$out/run-$r/metrics.jsonl" "$out/metrics-$r.jsonl"
+  rm -rf "$out/run-$r"    # checkpoints and TensorBoard files: too many to bring back from the device
 done
 python - "$out" "$rounds" <<'PY'
 import json, statistics, sys
