@@ -21,7 +21,7 @@ from pathlib import Path
 from common.errors import CurateError
 from common.progress import Progress, add_progress_argument
 from trainer.construct import METHODS, ConvertConfig, convert_steps
-from trainer.moe import GATE_INITS, GATES
+from trainer.moe import EXPERT_INITS, GATE_INITS, GATES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "every expert (with top-k < experts all tokens go to the same experts at first); "
                         "fitted: each layer's linear gate fitted on calibration tokens to pick the experts "
                         "with the largest outputs (uses --calib-data)")
+    p.add_argument("--expert-init", choices=EXPERT_INITS, default=d.expert_init,
+                   help="split (default): each expert is its share of the dense neurons as they are; fitted: each "
+                        "layer's down projections refit (one least-squares solve) so the routed top-k mixture "
+                        "reproduces the dense FFN's output on calibration tokens (uses --calib-data)")
     p.add_argument("--scale", type=float, default=d.scale, metavar="F",
                    help="expert output rescale (default: experts/top-k, the paper's)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"partition, gate and calibration seed (default: {d.seed})")
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     # conversion's steps, then the held-out comparison (with --tokens) and writing the model
-    steps = len(convert_steps(s.method, s.gate_init)) + 1 + (args.tokens is not None)
+    steps = len(convert_steps(s)) + 1 + (args.tokens is not None)
     with Progress(steps, "convert", unit="step", enabled=args.progress) as bar:
         say = lambda text: bar.note(text, file=sys.stdout)  # noqa: E731  (messages go above the bar)
         dense, _ = load_dense(args.dense, s.seed)

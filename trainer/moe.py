@@ -32,6 +32,9 @@ from trainer.kernels import swiglu_weighted, triton_runs_on
 GATES = ("noisy-linear", "linear", "noisy-mlp")
 # "fitted": random, then fitted to the dense model's expert outputs by `curate convert` (construct.fit_routers)
 GATE_INITS = ("random", "zero", "fitted")
+# "split": the dense FFN's neurons as they are; "fitted": down projections refit so the routed mixture
+# reproduces the dense FFN on calibration tokens (construct.fit_experts)
+EXPERT_INITS = ("split", "fitted")
 # "bias": no auxiliary loss; a per-expert bias on the selection logits follows the load (DeepSeek-V3)
 BALANCE_LOSSES = ("cv2", "switch", "bias", None)
 EXPERT_IMPLS = ("auto", "fused", "grouped", "loop")
@@ -51,6 +54,7 @@ class MoEConfig:
     scale: float | None = None            # None: num_experts / top_k (the paper's rescale)
     gate: str = "linear"                  # "noisy-linear", "linear" (Mixtral) or "noisy-mlp" (LLaMA-MoE)
     gate_init: str = "random"             # "random": nn.Linear's init (LLaMA-MoE); "zero": all logits 0
+    expert_init: str = "split"            # "split" or "fitted" (down projections refit by `curate convert`)
     balance_loss: str | None = "cv2"      # "cv2": CV^2(importance) + CV^2(load); "switch"; "bias"; None
     balance_coef: float = 0.01
     # "bias": step of the per-expert selection bias per optimizer step. DeepSeek-V3's 1e-3 is for scores in
@@ -84,6 +88,8 @@ class MoEConfig:
             raise bad("gate", f"must be one of {', '.join(GATES)}")
         if self.gate_init not in GATE_INITS:
             raise bad("gate_init", f"must be one of {', '.join(GATE_INITS)}")
+        if self.expert_init not in EXPERT_INITS:
+            raise bad("expert_init", f"must be one of {', '.join(EXPERT_INITS)}")
         if self.balance_loss in ("none", "None"):
             self.balance_loss = None
         if self.balance_loss not in BALANCE_LOSSES:

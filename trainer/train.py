@@ -150,7 +150,7 @@ class Trainer:
         from trainer.construct import convert_dense, convert_steps
         c = m.convert
         main = self.ctx.is_main
-        with Progress(len(convert_steps(c.method, c.gate_init)), "convert", unit="step",
+        with Progress(len(convert_steps(c)), "convert", unit="step",
                       enabled=self.progress and main) as bar:
             log = (lambda text: bar.note(text, file=sys.stdout)) if main else (lambda _: None)
             return convert_dense(m.dense, c, log=log, progress=bar)
