@@ -36,9 +36,11 @@ from study_construction import mean, study_main  # noqa: E402  (the studies shar
 # dense model itself.
 KD = {"weight": 1.0, "temperature": 1.0}
 KD_ONLY = {"weight": 1.0, "temperature": 1.0, "label_weight": 0.0}
+# Rounds 1-4 ran before fitted gates and experts were the defaults: their flags spell out the old ones.
+OLD = ["--gate-init", "random", "--expert-init", "split"]
 RUNS = {
     "old-defaults": ("old defaults: noisy-mlp gate, zero init", ["--gate", "noisy-mlp", "--gate-init", "zero"], None),
-    "new-defaults": ("new defaults: required flags only (noisy-linear, random init, cv2)", [], None),
+    "new-defaults": ("round-1 defaults: noisy-linear, random gate, split experts, cv2", [], None),
     "linear": ("linear gate (no noise)", ["--gate", "linear"], None),
     "noisy-mlp": ("noisy-mlp gate, random init", ["--gate", "noisy-mlp"], None),
     "bias": ("bias balancing instead of cv2", ["--balance-loss", "bias"], None),
@@ -79,11 +81,26 @@ RUNS = {
     "sharing-inter-top1": ("SharingInter, 192 shared + top-1 of 8 x 168 (FLOP-matched)",
                            ["METHOD=sharing-inter", "--calib-data", "CALIB", "--top-k", "1", "--shared-size", "192"], None),
     # beyond the protocol's lr: how much of the gap is the short budget at a continual-pretraining lr
-    "lr-1e-3": ("new defaults, lr 1e-3", [], None, 1e-3),
+    "lr-1e-3": ("round-1 defaults, lr 1e-3", [], None, 1e-3),
     "sharing-inter-lr-1e-3": ("SharingInter, lr 1e-3", ["METHOD=sharing-inter", "--calib-data", "CALIB"], None, 1e-3),
     "sharing-inter-distill-lr-1e-3": ("SharingInter + distillation (KL + labels), lr 1e-3",
                                       ["METHOD=sharing-inter", "--calib-data", "CALIB"], KD, 1e-3),
 }
+ROUND5 = {"fitexp", "fitexp-cv2-0.1", "fitexp-generated", "fitexp-generated-cv2-0.1", "random-fitexp",
+          "sharing-inner-fitexp"}
+for _name, (_label, _flags, *_rest) in list(RUNS.items()):
+    if _name not in ROUND5:     # rounds 1-4: the old defaults spelled out where a run did not set them
+        _flags = _flags + [x for flag, value in zip(OLD[::2], OLD[1::2]) if flag not in _flags for x in (flag, value)]
+        RUNS[_name] = (_label, _flags, *_rest)
+# round 6: the new defaults (fitted gate and experts; no calibration text given) and what sits beside them
+RUNS.update({
+    "defaults-v2": ("defaults: required flags only (fitted gate and experts, calibration sampled from the dense model)", [], None),
+    "defaults-v2-seed1": ("defaults, conversion seed 1", ["--seed", "1"], None),
+    "defaults-v2-linear": ("defaults with the linear gate (no noise)", ["--gate", "linear"], None),
+    "defaults-v2-bias": ("defaults with bias balancing instead of cv2", ["--balance-loss", "bias"], None),
+    "defaults-v2-distill": ("defaults + distillation from the dense model (KL + labels)", [], KD),
+    "sharing-inter-v2": ("SharingInter under the defaults (fitted gate and experts)", ["METHOD=sharing-inter", "--calib-data", "CALIB"], None),
+})
 DEAD = 0.01
 
 
@@ -138,10 +155,13 @@ def run_one(name: str, args, work: Path, log) -> dict:
         sampler={"kind": "static", "preset": "sheared", "reweight_every_tokens": every},
         optim={"lr": lr, "warmup_steps": max(1, steps // 10)}, train=train)
     run = work / f"run-{name}"
-    t0 = time.time()
-    curate("train", "--config", cfg, "--out", run, log=log)
-    wall = time.time() - t0
     read = lambda f: [json.loads(x) for x in (run / f).read_text().splitlines() if x.strip()]  # noqa: E731
+    wall = None
+    # a call cut off after a run finished training but before its JSON was written: read the run, not redo it
+    if not ((run / "metrics.jsonl").exists() and read("metrics.jsonl") and read("metrics.jsonl")[-1]["step"] >= steps):
+        t0 = time.time()
+        curate("train", "--config", cfg, "--out", run, log=log)
+        wall = round(time.time() - t0, 1)
     met, evals, routing = read("metrics.jsonl"), read("domain_weights.jsonl"), read("routing.jsonl")
     steady = met[len(met) // 4:] or met
     dead0, busiest0, worst0 = health(routing[0]["layers"])
@@ -154,7 +174,7 @@ def run_one(name: str, args, work: Path, log) -> dict:
         "dead_start": dead0, "busiest_start": busiest0, "worst_layer_start": worst0,
         "dead_end": dead, "busiest_end": busiest, "worst_layer_end": worst,
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady),
-        "train_wall_s": round(wall, 1), "convert_s": round(convert_s, 1),
+        "train_wall_s": wall, "convert_s": round(convert_s, 1),
         "eval_history": [{"tokens": e["tokens"], "loss": mean(e["eval_loss"])} for e in evals],
         "routing_start": routing[0]["layers"], "routing_end": routing[-1]["layers"],
         "train_loss": [[m["tokens"], m["loss"]] for m in met],
@@ -199,7 +219,12 @@ def cmd_report(args) -> int:
     parts = [json.loads(p.read_text()) for p in sorted(folder.glob("part*.json"))]
     runs = {n: r for p in parts for n, r in p["runs"].items() if "error" not in r}
     # rows of this script first, in its order; then rows measured with code since changed (their labels say so)
-    order = [n for n in RUNS if n in runs] + sorted(n for n in runs if n not in RUNS)
+    first = [n for n in ("old-defaults", "new-defaults", *(n for n in RUNS if n.startswith("defaults-v2")), "sharing-inter-v2")
+             if n in runs]
+    order = first + [n for n in RUNS if n in runs and n not in first] + sorted(n for n in runs if n not in RUNS)
+    for n in order:     # the label of today's script where it still has the run (old files carry older wording)
+        if n in RUNS:
+            runs[n] = {**runs[n], "label": RUNS[n][0]}
     dense = mean(parts[0]["dense"])
     head = parts[0]
     dates = sorted({p["date"][:10] for p in parts})
@@ -209,7 +234,9 @@ def cmd_report(args) -> int:
              f"{first['seq_len']}, lr 3e-4 unless the row says otherwise, static Sheared weights. Held-out mean loss "
              f"over the 7 domains (dense model: {dense:.3f}). Routing on the held-out batches without gate noise; "
              "240 experts in all. Active FFN neurons per token: the dense model has 1,536; 384 is FLOP-matched. "
-             "tokens/s is per run, with the number of runs sharing the GPU.",
+             "tokens/s is per run, with the number of runs sharing the GPU. Rows below SharingInter under the defaults "
+             "ran before the fitted gate and experts were the defaults: random gate and split experts unless the row "
+             "says otherwise.",
              "", "| run | active neurons | held-out loss, step 0 | at the end | experts under 1% (start -> end) | "
              "busiest expert, worst layer (end) | tokens/s (runs sharing the GPU) |", "|---|---|---|---|---|---|---|"]
     for n in order:
@@ -222,8 +249,8 @@ def cmd_report(args) -> int:
 
     # held-out loss curves
     fig, ax = plt.subplots(figsize=(9, 5))
-    curves = [n for n in ("old-defaults", "new-defaults", "linear", "distill", "fitted", "lr-1e-3", "clustering",
-                          "sharing-inner", "sharing-inner-fitted", "sharing-inter") if n in runs]
+    curves = [n for n in ("old-defaults", "new-defaults", "fitted", "lr-1e-3", "defaults-v2", "defaults-v2-distill",
+                          "sharing-inner-fitexp", "sharing-inter", "sharing-inter-v2") if n in runs]
     for n in curves:
         h = runs[n]["eval_history"]
         ax.plot([e["tokens"] / 1e6 for e in h], [e["loss"] for e in h], marker="o", ms=3, label=runs[n]["label"])
@@ -239,8 +266,8 @@ def cmd_report(args) -> int:
     plt.close(fig)
 
     # routing: per layer, every expert's share at the end (old vs new defaults and the best runs)
-    shown = [n for n in ("old-defaults", "new-defaults", "fitted", "fitted-cv2-0.1", "sharing-inner-fitted",
-                         "sharing-inter") if n in runs]
+    shown = [n for n in ("old-defaults", "new-defaults", "fitted-cv2-0.1", "defaults-v2", "sharing-inner-fitexp",
+                         "sharing-inter-v2") if n in runs]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 6.2), sharey=True)
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, shown):

@@ -51,8 +51,9 @@ def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixt
             "--method", "independent-random", "--gate", "linear", "--seed", 3)
     raw = json.loads((moe_dir / "config.json").read_text())
     moe = raw["model"]["moe"]
-    assert (moe["method"], moe["seed"], moe["scale"], moe["gate"], moe["gate_init"]) == \
-        ("independent-random", 3, 2.0, "linear", "random")
+    assert (moe["method"], moe["seed"], moe["scale"], moe["gate"], moe["gate_init"], moe["expert_init"]) == \
+        ("independent-random", 3, 2.0, "linear", "fitted", "fitted")
+    assert "sampled from the dense model" in moe["calibration"]     # no --calib-data: the data-free fallback
     for layer in moe["partition"]["experts"]:
         assert sorted(i for expert in layer for i in expert) == list(range(128))
     assert read_record(moe_dir)["conversion"]["dense"] == str(dense_dir.resolve())
@@ -62,7 +63,7 @@ def test_convert_records_the_conversion_and_export_gives_the_same_logits_in_mixt
 
 def test_zero_gate_full_top_k_export_reproduces_the_dense_llama(dense_dir, tmp_path):
     run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 4, "--scale", 4,
-            "--method", "independent-clustering", "--gate", "linear", "--gate-init", "zero")
+            "--method", "independent-clustering", "--gate", "linear", "--gate-init", "zero", "--expert-init", "split")
     run_cli("export", tmp_path / "moe", "--format", "hf-mixtral", "--out", tmp_path / "hf")
     dense = LlamaForCausalLM.from_pretrained(dense_dir).eval()
     mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -75,7 +76,7 @@ def test_default_conversion_exports_and_mixtral_gives_our_logits(dense_dir, tmp_
     run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 2,
             "--method", "independent-random")           # only the required flags: the noisy-linear gate
     moe = json.loads((tmp_path / "moe" / "config.json").read_text())["model"]["moe"]
-    assert (moe["gate"], moe["gate_init"]) == ("noisy-linear", "random")
+    assert (moe["gate"], moe["gate_init"], moe["expert_init"]) == ("noisy-linear", "fitted", "fitted")
     export_matches_mixtral(tmp_path / "moe", tmp_path / "hf")
 
 
@@ -87,7 +88,8 @@ def test_sharing_inner_exports_but_noisy_gates_and_shared_parts_are_refused(dens
 
     proc = run_cli("convert", "--dense", dense_dir, "--out", tmp_path / "noisy", "--experts", 4, "--top-k", 2,
                    "--method", "independent-random", "--gate", "noisy-mlp")
-    assert "calibration" not in proc.stdout
+    # the paper's gate is not fitted (it is not linear) but starts random; its experts are still fitted
+    assert "fitted routers" not in proc.stdout and "(random init)" in proc.stdout and "fitted experts" in proc.stdout
     refused = run_cli("export", tmp_path / "noisy", "--format", "hf-mixtral", "--out", tmp_path / "x", check=False)
     assert refused.returncode == 2 and "--gate noisy-linear" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "x").exists()
@@ -148,13 +150,14 @@ def test_convert_reports_dense_and_converted_heldout_loss(tokdir, tmp_path):  # 
     common = ("--dense", dense, "--method", "independent-random", "--tokens", tokdir, "--eval-len", 32, "--eval-seqs", 2)
     # experts = top-k = scale with a zero gate computes the dense FFN exactly: no gap, per domain
     proc = run_cli("convert", *common, "--out", tmp_path / "exact", "--experts", 4, "--top-k", 4, "--scale", 4,
-                   "--gate", "linear", "--gate-init", "zero")
+                   "--gate", "linear", "--gate-init", "zero", "--expert-init", "split")
     assert "held-out loss" in proc.stdout and "converted" in proc.stdout
     exact = read_record(tmp_path / "exact")["conversion"]["heldout"]
     assert exact["seq_len"] == 32 and set(exact["dense"]) == set(exact["converted"]) and len(exact["dense"]) >= 3
     assert all(abs(exact["converted"][d] - exact["dense"][d]) < 1e-4 for d in exact["dense"])
     # top-2 of 4: the same dense losses (same seed, same sequences), and a real gap
-    run_cli("convert", *common, "--out", tmp_path / "top2", "--experts", 4, "--top-k", 2)
+    run_cli("convert", *common, "--out", tmp_path / "top2", "--experts", 4, "--top-k", 2, "--gate-init", "random",
+            "--expert-init", "split")
     top2 = read_record(tmp_path / "top2")["conversion"]["heldout"]
     assert top2["dense"] == pytest.approx(exact["dense"])
     assert abs(top2["converted_mean"] - top2["dense_mean"]) > 1e-3

@@ -216,28 +216,31 @@ def test_sharing_inner_takes_one_calibration_group_per_expert_when_counts_do_not
     assert cfg.moe.num_experts == 6 and len(model.moe_layers()) == len(model.layers)
 
 
+def dense_kl(dense: LlamaMoE, moe: LlamaMoE, tokens: torch.Tensor) -> float:
+    """KL(dense || moe) per token on `tokens`: what the conversion loses of the dense model."""
+    with torch.no_grad():
+        p = torch.log_softmax(dense(tokens[:, :-1]).logits, -1)
+        q = torch.log_softmax(moe.eval()(tokens[:, :-1]).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+HELD_OUT = torch.randint(0, 80, (8, 33), generator=torch.Generator().manual_seed(11))
+
+
 def test_a_fitted_router_starts_closer_to_the_dense_model_than_a_random_one():
     """Right after conversion, routing by the fitted gate loses less of the dense model than a random
     gate: KL(dense || moe) on held-out tokens, the loss the conversion adds, over three seeds."""
     from trainer.construct import fit_routers
 
-    held_out = torch.randint(0, 80, (8, 33), generator=torch.Generator().manual_seed(11))
     fitted_kl, random_kl = [], []
     for seed in range(3):
         dense = dense_model(seed)
         moe, _ = build_moe(dense, ConvertConfig(experts=4, top_k=1, method="independent-random", gate="linear",
                                                   seed=seed), log=lambda s: None)
-
-        def kl() -> float:
-            with torch.no_grad():
-                p = torch.log_softmax(dense(held_out[:, :-1]).logits, -1)
-                q = torch.log_softmax(moe.eval()(held_out[:, :-1]).logits, -1)
-            return float((p.exp() * (p - q)).sum(-1).mean())
-
-        random_kl.append(kl())
+        random_kl.append(dense_kl(dense, moe, HELD_OUT))
         agreement = fit_routers(dense, moe, calib(32), log=lambda s: None)
         assert min(agreement) > 0.5                      # chance for top-1 of 4: 25%
-        fitted_kl.append(kl())
+        fitted_kl.append(dense_kl(dense, moe, HELD_OUT))
     assert all(f < r for f, r in zip(fitted_kl, random_kl)), (fitted_kl, random_kl)
 
 
@@ -285,3 +288,55 @@ def test_the_same_seed_gives_the_same_gates_whatever_the_method():
     assert not torch.equal(first[0], first[1])              # layers differ
     other, _ = convert("independent-random", seed=4)
     assert not torch.equal(first[0], next(iter(other.moe_layers().values())).router.gate.weight)
+
+
+@pytest.mark.parametrize("fit_gate", [False, True])
+def test_fitted_experts_bring_the_converted_model_closer_to_the_dense_one_on_other_tokens(fit_gate):
+    """With the router fixed, the down projections refit on calibration tokens lose less of the dense
+    model than the split on held-out tokens, whichever router chose the experts."""
+    from trainer.construct import fit_experts, fit_routers
+
+    for seed in range(2):
+        dense = dense_model(seed)
+        moe, _ = build_moe(dense, ConvertConfig(experts=4, top_k=2, method="independent-random", gate="linear",
+                                                  seed=seed), log=lambda s: None)
+        if fit_gate:
+            fit_routers(dense, moe, calib(32), log=lambda s: None)
+        split = dense_kl(dense, moe, HELD_OUT)
+        gate_before = {l: m.router.gate.weight.clone() for l, m in moe.moe_layers().items()}
+        errors = fit_experts(dense, moe, calib(64), log=lambda s: None)
+        assert len(errors) == 2 and max(errors) < 0.9
+        assert dense_kl(dense, moe, HELD_OUT) < 0.7 * split, seed
+        assert all(torch.equal(m.router.gate.weight, gate_before[l]) for l, m in moe.moe_layers().items())
+
+
+def test_fitting_experts_that_already_compute_the_dense_ffn_keeps_them_exact_in_any_grouping():
+    """experts = top-k = scale with a zero gate is the dense FFN exactly; the fit must find that again
+    (error ~0), and doing the layers one pass each (a small memory budget) gives the same weights."""
+    from trainer.construct import fit_experts
+
+    dense = dense_model(1)
+    s = ConvertConfig(experts=4, top_k=4, scale=4.0, method="independent-random", gate="linear", gate_init="zero")
+    one, _ = build_moe(dense, s, log=lambda s: None)
+    apart, _ = build_moe(dense, s, log=lambda s: None)
+    errors = fit_experts(dense, one, calib(64), ridge=1e-6, log=lambda s: None)
+    fit_experts(dense, apart, calib(64), ridge=1e-6, memory_bytes=1, log=lambda s: None)   # one layer per pass
+    assert max(errors) < 1e-3
+    assert dense_kl(dense, one, HELD_OUT) < 1e-5
+    for l, m in one.moe_layers().items():
+        torch.testing.assert_close(m.experts.down_proj, apart.moe_layers()[l].experts.down_proj)
+
+
+def test_fitted_experts_leave_sharing_inters_shared_part_and_fit_the_rest():
+    from trainer.construct import fit_experts
+
+    dense = dense_model(2)
+    moe, cfg = build_moe(dense, ConvertConfig(experts=4, top_k=1, method="sharing-inter", gate="linear"), calib(),
+                         "test tokens", log=lambda s: None)
+    assert cfg.moe.shared_intermediate_size > 0
+    shared = {l: [p.clone() for p in m.shared.parameters()] for l, m in moe.moe_layers().items()}
+    split = dense_kl(dense, moe, HELD_OUT)
+    fit_experts(dense, moe, calib(64), log=lambda s: None)
+    assert dense_kl(dense, moe, HELD_OUT) < split
+    for l, m in moe.moe_layers().items():
+        assert all(torch.equal(a, b) for a, b in zip(m.shared.parameters(), shared[l]))

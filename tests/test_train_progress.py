@@ -34,10 +34,10 @@ def test_convert_reports_its_steps_and_no_progress_silences_them(dense_dir, tmp_
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("convert:")]
-    # load, calibration, experts, routers, write: a start line, one a step at most, a closing one
-    assert lines[0].startswith("convert: 0/5 step (0%)") and lines[0].endswith("started"), err
-    assert lines[-1].startswith("convert: 5/5 step (100%)") and "finished write" in lines[-1] and lines[-1].endswith("done")
-    assert len(lines) <= 7
+    # load, calibration, experts, routers, expert fit, write: a start line, one a step at most, a closing one
+    assert lines[0].startswith("convert: 0/6 step (0%)") and lines[0].endswith("started"), err
+    assert lines[-1].startswith("convert: 6/6 step (100%)") and "finished write" in lines[-1] and lines[-1].endswith("done")
+    assert len(lines) <= 8
     assert "dense model" in out and "fitted routers" in out and "wrote" in out     # messages stay on stdout
 
     assert main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 0

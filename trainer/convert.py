@@ -36,15 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noisy-linear (default): a linear router with learned noise in training only, exports "
                         "to Mixtral; linear: Mixtral's router, no noise; noisy-mlp: LLaMA-MoE's exact gate "
                         "(Linear-Tanh-Linear, not exportable)")
-    p.add_argument("--gate-init", choices=GATE_INITS, default=d.gate_init,
-                   help="random (default): nn.Linear's init, as LLaMA-MoE; zero: every logit 0, which ties "
-                        "every expert (with top-k < experts all tokens go to the same experts at first); "
-                        "fitted: each layer's linear gate fitted on calibration tokens to pick the experts "
-                        "with the largest outputs (uses --calib-data)")
+    p.add_argument("--gate-init", choices=GATE_INITS, default=None,
+                   help="fitted (default for the linear gates): each layer's gate fitted on calibration tokens to "
+                        "pick the experts with the largest outputs; random (default for noisy-mlp): nn.Linear's "
+                        "init, as LLaMA-MoE; zero: every logit 0, which ties every expert (with top-k < experts all "
+                        "tokens go to the same experts at first)")
     p.add_argument("--expert-init", choices=EXPERT_INITS, default=d.expert_init,
-                   help="split (default): each expert is its share of the dense neurons as they are; fitted: each "
-                        "layer's down projections refit (one least-squares solve) so the routed top-k mixture "
-                        "reproduces the dense FFN's output on calibration tokens (uses --calib-data)")
+                   help="fitted (default): each layer's down projections refit (one least-squares solve) so the "
+                        "routed top-k mixture reproduces the dense FFN's output on calibration tokens; split: each "
+                        "expert is its share of the dense neurons as they are (the paper's)")
     p.add_argument("--scale", type=float, default=d.scale, metavar="F",
                    help="expert output rescale (default: experts/top-k, the paper's)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"partition, gate and calibration seed (default: {d.seed})")
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-size", type=int, default=d.shared_size, metavar="N",
                    help="sharing-inter: neurons in the always-on shared part (default: about one expert)")
     p.add_argument("--calib-data", default=d.calib_data, metavar="PATH",
-                   help="sharing-* and --gate-init fitted: a `curate tokenize` directory or a text file "
+                   help="sharing-*, fitted gates and experts: a `curate tokenize` directory or a text file "
                         "(.txt/.jsonl); without it, text sampled from the dense model itself")
     p.add_argument("--calib-seqs", type=int, default=d.calib_seqs, metavar="N",
                    help=f"calibration sequences per expert (default: {d.calib_seqs})")
