@@ -310,20 +310,32 @@ def test_fitted_experts_bring_the_converted_model_closer_to_the_dense_one_on_oth
         assert all(torch.equal(m.router.gate.weight, gate_before[l]) for l, m in moe.moe_layers().items())
 
 
-def test_fitting_experts_that_already_compute_the_dense_ffn_keeps_them_exact_in_any_grouping():
-    """experts = top-k = scale with a zero gate is the dense FFN exactly; the fit must find that again
-    (error ~0), and doing the layers one pass each (a small memory budget) gives the same weights."""
+def test_fitting_experts_that_already_compute_the_dense_ffn_keeps_them_exact():
+    """experts = top-k = scale with a zero gate is the dense FFN exactly (the export contract's sanity
+    case): the ridge fit can only blur it, so every layer keeps its split weights bit for bit."""
     from trainer.construct import fit_experts
 
     dense = dense_model(1)
     s = ConvertConfig(experts=4, top_k=4, scale=4.0, method="independent-random", gate="linear", gate_init="zero")
-    one, _ = build_moe(dense, s, log=lambda s: None)
+    moe, _ = build_moe(dense, s, log=lambda s: None)
+    split = {l: m.experts.down_proj.clone() for l, m in moe.moe_layers().items()}
+    notes = []
+    errors = fit_experts(dense, moe, calib(64), log=notes.append)
+    assert max(errors) < 1e-5 and "2 layer(s) kept as split" in notes[0]
+    assert all(torch.equal(m.experts.down_proj, split[l]) for l, m in moe.moe_layers().items())
+    assert dense_kl(dense, moe, HELD_OUT) < 1e-6
+
+
+def test_fitting_the_layers_in_several_passes_gives_the_same_experts():
+    from trainer.construct import fit_experts
+
+    dense = dense_model(1)
+    s = ConvertConfig(experts=4, top_k=2, method="independent-random", gate="linear", gate_init="random")
+    together, _ = build_moe(dense, s, log=lambda s: None)
     apart, _ = build_moe(dense, s, log=lambda s: None)
-    errors = fit_experts(dense, one, calib(64), ridge=1e-6, log=lambda s: None)
-    fit_experts(dense, apart, calib(64), ridge=1e-6, memory_bytes=1, log=lambda s: None)   # one layer per pass
-    assert max(errors) < 1e-3
-    assert dense_kl(dense, one, HELD_OUT) < 1e-5
-    for l, m in one.moe_layers().items():
+    fit_experts(dense, together, calib(64), log=lambda s: None)
+    fit_experts(dense, apart, calib(64), memory_bytes=1, log=lambda s: None)     # one layer per pass
+    for l, m in together.moe_layers().items():
         torch.testing.assert_close(m.experts.down_proj, apart.moe_layers()[l].experts.down_proj)
 
 

@@ -441,8 +441,9 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
     are one ridge regression per layer, on E * expert_size features, solved in closed form from Gram
     matrices accumulated batch by batch (nothing per token is kept). The dense input is fed to every
     layer (teacher forcing), as in the router fit. Layers are done in groups whose Gram matrices fit in
-    `memory_bytes`, one pass over the calibration per group. Returns, per layer, the relative error
-    ||y - y_dense|| / ||y_dense|| on the calibration tokens after the fit (before it is logged)."""
+    `memory_bytes`, one pass over the calibration per group. A layer whose split already fits at least as
+    well keeps it. Returns, per layer, the relative error ||y - y_dense|| / ||y_dense|| on the calibration
+    tokens after the fit (before it is logged)."""
     layers = moe.moe_layers()
     dim = {l: m.experts.num_experts * m.experts.expert_size for l, m in layers.items()}
     groups, group, used = [], [], 0
@@ -454,7 +455,7 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
         group.append(l)
         used += need
     groups.append(group)
-    before, after = {}, {}
+    before, after, kept = {}, {}, []
     for group in groups:
         gram = {l: torch.zeros(dim[l], dim[l]) for l in group}
         cross = {l: torch.zeros(dim[l], moe.cfg.hidden_size) for l in group}
@@ -490,11 +491,18 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
             resid = err[l][0] - 2 * (d * cross[l]).sum() + (d * (g @ d)).sum()
             before[l] = float((err[l][1] / err[l][0]).sqrt())
             after[l] = float((resid.clamp_min(0) / err[l][0]).sqrt())
+            if after[l] >= before[l]:
+                # the split already reproduces the dense FFN at least as well (experts = top-k = scale with a
+                # zero gate does so exactly, and the ridge would only blur it): keep it
+                after[l] = before[l]
+                kept.append(l)
+                continue
             ex.down_proj.copy_(d.T.reshape(-1, ex.num_experts, ex.expert_size).permute(1, 0, 2).to(ex.down_proj.dtype))
     mean = lambda v: sum(v.values()) / len(v)  # noqa: E731
     log(f"fitted experts' down projections on {calibration.shape[0]} x {calibration.shape[1] - 1} tokens: the "
         f"routed mixture's error relative to the dense FFN {mean(before):.2f} -> {mean(after):.2f} "
-        f"(layers {min(after.values()):.2f}-{max(after.values()):.2f})")
+        f"(layers {min(after.values()):.2f}-{max(after.values()):.2f})"
+        + (f"; {len(kept)} layer(s) kept as split, which fit at least as well" if kept else ""))
     return [after[l] for l in layers]
 
 
