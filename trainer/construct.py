@@ -397,14 +397,9 @@ def fit_routers(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
     Returns, per layer, the fraction of tokens whose top-k set under the fitted gate is exactly the
     top-k of their (centred) targets."""
     inputs: dict[int, list[torch.Tensor]] = {l: [] for l in range(len(dense.layers))}
-    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, inp, l=l: inputs[l].append(inp[0].reshape(-1, inp[0].shape[-1])))
-             for l, layer in enumerate(dense.layers)]
-    try:
-        for start in range(0, calibration.shape[0], batch_size):
-            dense(calibration[start:start + batch_size, :-1])
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(dense, calibration, batch_size, [
+        layer.mlp.register_forward_pre_hook(lambda _m, inp, l=l: inputs[l].append(inp[0].reshape(-1, inp[0].shape[-1])))
+        for l, layer in enumerate(dense.layers)])
     agreement = []
     for l, mlp in moe.moe_layers().items():
         x = torch.cat(inputs[l]).float()
@@ -472,16 +467,12 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
             split = feats @ m.experts.down_proj.float().permute(0, 2, 1).reshape(dim[l], -1)
             err[l] += torch.stack([y.square().sum(), (split - y).square().sum(), torch.tensor(float(len(y)))])
 
-        hooks = [dense.layers[l].mlp.register_forward_hook(lambda _m, inp, out, l=l: take(l, inp[0], out))
-                 for l in group]
         was_training = moe.training
         moe.eval()          # routing as at evaluation: no gate noise
         try:
-            for start in range(0, calibration.shape[0], batch_size):
-                dense(calibration[start:start + batch_size, :-1])
+            _forward_with_hooks(dense, calibration, batch_size, [
+                dense.layers[l].mlp.register_forward_hook(lambda _m, inp, out, l=l: take(l, inp[0], out)) for l in group])
         finally:
-            for h in hooks:
-                h.remove()
             moe.train(was_training)
         for l in group:
             ex = layers[l].experts
@@ -504,6 +495,16 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
         f"(layers {min(after.values()):.2f}-{max(after.values()):.2f})"
         + (f"; {len(kept)} layer(s) kept as split, which fit at least as well" if kept else ""))
     return [after[l] for l in layers]
+
+
+def _forward_with_hooks(model: LlamaMoE, calibration: torch.Tensor, batch_size: int, hooks: list) -> None:
+    """Run the calibration sequences through `model` in batches for what `hooks` collect; then remove them."""
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            model(calibration[start:start + batch_size, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _mixture_features(m, x: torch.Tensor) -> torch.Tensor:

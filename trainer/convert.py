@@ -37,10 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to Mixtral; linear: Mixtral's router, no noise; noisy-mlp: LLaMA-MoE's exact gate "
                         "(Linear-Tanh-Linear, not exportable)")
     p.add_argument("--gate-init", choices=GATE_INITS, default=None,
-                   help="fitted (default for the linear gates): each layer's gate fitted on calibration tokens to "
-                        "pick the experts with the largest outputs; random (default for noisy-mlp): nn.Linear's "
-                        "init, as LLaMA-MoE; zero: every logit 0, which ties every expert (with top-k < experts all "
-                        "tokens go to the same experts at first)")
+                   help="fitted: each layer's gate fitted on calibration tokens to pick the experts with the largest "
+                        "outputs; random: nn.Linear's init, as LLaMA-MoE; zero: every logit 0, which ties every "
+                        "expert (with top-k < experts all tokens go to the same experts at first) "
+                        "(default: fitted for the linear gates, random for noisy-mlp)")
     p.add_argument("--expert-init", choices=EXPERT_INITS, default=d.expert_init,
                    help="fitted (default): each layer's down projections refit (one least-squares solve) so the "
                         "routed top-k mixture reproduces the dense FFN's output on calibration tokens; split: each "
