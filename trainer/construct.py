@@ -454,7 +454,7 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
     for group in groups:
         gram = {l: torch.zeros(dim[l], dim[l]) for l in group}
         cross = {l: torch.zeros(dim[l], moe.cfg.hidden_size) for l in group}
-        err = {l: torch.zeros(3) for l in group}     # ||y_dense||^2, ||y_split - y_dense||^2, tokens
+        target = {l: torch.zeros(()) for l in group}     # ||y_dense||^2
 
         def take(l: int, x: torch.Tensor, y: torch.Tensor) -> None:
             m = layers[l]
@@ -464,8 +464,7 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
             feats = _mixture_features(m, x)
             gram[l] += feats.T @ feats
             cross[l] += feats.T @ y
-            split = feats @ m.experts.down_proj.float().permute(0, 2, 1).reshape(dim[l], -1)
-            err[l] += torch.stack([y.square().sum(), (split - y).square().sum(), torch.tensor(float(len(y)))])
+            target[l] += y.square().sum()
 
         was_training = moe.training
         moe.eval()          # routing as at evaluation: no gate noise
@@ -478,10 +477,14 @@ def fit_experts(dense: LlamaMoE, moe: LlamaMoE, calibration: torch.Tensor, batch
             ex = layers[l].experts
             g = gram[l]
             d = torch.linalg.solve(g + ridge * g.diagonal().mean() * torch.eye(dim[l]), cross[l])   # [E*I, H]
-            # the fit's residual from the normal equations: ||F d - y||^2 = ||y||^2 - 2 d.c + d.G d
-            resid = err[l][0] - 2 * (d * cross[l]).sum() + (d * (g @ d)).sum()
-            before[l] = float((err[l][1] / err[l][0]).sqrt())
-            after[l] = float((resid.clamp_min(0) / err[l][0]).sqrt())
+            split = ex.down_proj.float().permute(0, 2, 1).reshape(dim[l], -1)                      # [E*I, H]
+
+            def relative_error(w: torch.Tensor) -> float:
+                # from the accumulated sums: ||F w - y||^2 = ||y||^2 - 2 w.c + w.G w
+                resid = target[l] - 2 * (w * cross[l]).sum() + (w * (g @ w)).sum()
+                return float((resid.clamp_min(0) / target[l]).sqrt())
+
+            before[l], after[l] = relative_error(split), relative_error(d)
             if after[l] >= before[l]:
                 # the split already reproduces the dense FFN at least as well (experts = top-k = scale with a
                 # zero gate does so exactly, and the ridge would only blur it): keep it
