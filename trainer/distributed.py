@@ -95,13 +95,14 @@ def gradient_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Global gradient norm (before clipping) over all ranks' shards; clips when max_norm > 0."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (before clipping) over all ranks' shards, a device scalar (reading it waits
+    for the GPU, so the caller decides when); clips when max_norm > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):    # FSDP2: a replicated DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -244,46 +244,72 @@ class Trainer:
         return self.run_dir
 
     def loop(self, collector: PeriodicGC) -> None:
-        """Optimizer steps up to max_steps, with logging, evaluations and checkpoints as they fall due."""
+        """Optimizer steps up to max_steps, with logging, evaluations and checkpoints as they fall due.
+
+        Nothing in a step reads a GPU value back (losses and the gradient norm stay device tensors until
+        a step is logged), so the host queues the next step while the GPU still runs this one; tokens/s
+        is wall time between logged steps (logging included: it is the loop's own cost), evaluations and
+        checkpoints left out."""
         t = self.cfg.train
         busy, busy_tokens = 0.0, 0      # time in training steps since the last log (not eval, checkpoints)
+        since = time.perf_counter()     # start of the current stretch of training steps
         while self.step < self.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            loss, aux = self.train_step()   # returns host floats, so the GPU work is done here
-            busy += time.perf_counter() - start
+            step = self.train_step()
             busy_tokens += self.global_batch_tokens
             self.step += 1
             self.tokens_seen += self.global_batch_tokens
             self.logger.advance()
 
             if self.step % t.log_every == 0 or self.step in (1, self.max_steps):
-                loss, aux = all_reduce_mean(loss, self.ctx), all_reduce_mean(aux, self.ctx)
+                host = {k: (None if v is None else float(v)) for k, v in step.items()}    # waits for the GPU
+                now = time.perf_counter()
+                busy, since = busy + now - since, now
                 tokens_per_s = all_reduce_mean(busy_tokens / busy, self.ctx)
                 busy, busy_tokens = 0.0, 0
                 mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
                        if self.peak_flops else None)
-                self.logger.log_step({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
-                                      "aux_loss": aux, "lr": lr, "grad_norm": self.grad_norm,
-                                      "tokens_per_s": tokens_per_s, "mfu": mfu, "max_mem_gb": self.max_memory(),
-                                      **({"distill_kl": all_reduce_mean(self.distill_kl, self.ctx)}
+                self.logger.log_step({"step": self.step, "tokens": self.tokens_seen,
+                                      "loss": all_reduce_mean(host["loss"], self.ctx),
+                                      "aux_loss": all_reduce_mean(host["aux_loss"], self.ctx), "lr": lr,
+                                      "grad_norm": host["grad_norm"], "tokens_per_s": tokens_per_s, "mfu": mfu,
+                                      "max_mem_gb": self.max_memory(),
+                                      **({"distill_kl": all_reduce_mean(host["distill_kl"], self.ctx)}
                                          if self.teacher is not None else {})},
                                      expert_load=self.expert_load())
             # the stream decides when it reweights; train.eval_every_tokens may ask for more evaluations
             due = self.stream.due_for_update(self.tokens_seen) or (
                 t.eval_every_tokens is not None and self.tokens_seen >= self.next_eval)
+            checkpoint = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps
             if self.step == self.max_steps:
                 self.logger.message(f"step {self.step}: evaluating the final model, then writing the checkpoint")
-            paused = due or self.step == self.max_steps
-            if paused:                                  # and the final model's held-out losses
+            paused = due or checkpoint
+            if paused:                  # the steps queued so far count as training time, the pause does not
+                self.synchronize()
+                busy += time.perf_counter() - since
+            if due or self.step == self.max_steps:      # and the final model's held-out losses
                 self.evaluate()
-            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.max_steps:
+            if checkpoint:
                 self.save()
-                paused = True
             collector.step(self.step, paused)
+            if paused:
+                since = time.perf_counter()
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns this rank's mean loss and balance loss."""
+    def synchronize(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+    def to_device(self, batch) -> torch.Tensor:
+        """A micro-batch on the training device. From pinned memory the copy is queued like a kernel;
+        from pageable memory CUDA would first wait for everything queued before it."""
+        batch = torch.as_tensor(batch)
+        if self.ctx.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.ctx.device, non_blocking=True)
+
+    def train_step(self) -> dict[str, torch.Tensor | None]:
+        """One optimizer step over the global batch. Returns this rank's mean loss, balance loss,
+        distillation KL and the gradient norm as device tensors: reading them is the caller's sync."""
         d = self.cfg.data
         distill = self.cfg.train.distill
         loss_sum = torch.zeros((), device=self.ctx.device)
@@ -291,7 +317,7 @@ class Trainer:
         kl_sum = torch.zeros((), device=self.ctx.device)
         for micro in range(self.accum):
             batch, _ = self.stream.next_batch(d.micro_batch_size)
-            batch = torch.as_tensor(batch).to(self.ctx.device, non_blocking=True)
+            batch = self.to_device(batch)
             with gradient_sync(self.model, sync=micro == self.accum - 1):
                 with self.autocast():
                     out = self.model(batch[:, :-1], labels=batch[:, 1:], skip_logits=self.teacher is None)
@@ -305,13 +331,13 @@ class Trainer:
                 (total / self.accum).backward()
             loss_sum += out.loss.detach()
             aux_sum += out.aux_loss.detach()
-        self.grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip)
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.update_balance_bias()
-        self.distill_kl = float(kl_sum) / self.accum if self.teacher is not None else None
-        return float(loss_sum) / self.accum, float(aux_sum) / self.accum
+        return {"loss": loss_sum / self.accum, "aux_loss": aux_sum / self.accum, "grad_norm": grad_norm,
+                "distill_kl": kl_sum / self.accum if self.teacher is not None else None}
 
     def update_balance_bias(self) -> None:
         """balance_loss: bias -- each layer's selection bias moves toward the step's under-loaded experts,
