@@ -8,8 +8,9 @@ thread per worker, no worker dashboards, the same Dask settings), then times:
   imported   every worker has imported what a filter task needs (filters, fastText, pyarrow)
   close      client and cluster closed
 Variants: the scheduler's dashboard on/off, TLS with a throw-away certificate on/off, and how
-worker processes are made (multiprocessing "spawn", Dask's default, or "forkserver", which forks
-every worker from one server that imported distributed and its optional packages once).
+worker processes are made (multiprocessing "spawn", Dask's default; "forkserver", which forks
+every worker from one server that imported distributed and its optional packages once; "fork", every
+worker a copy of this process, which has imported the stage's modules first).
 Every variant runs in a fresh interpreter, --repeat times, interleaved.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ VARIANTS = {
     "no TLS": dict(dashboard=True, tls=False, method="spawn"),
     "forkserver": dict(dashboard=True, tls=True, method="forkserver"),
     "forkserver, no dashboard": dict(dashboard=False, tls=True, method="forkserver"),
+    "fork, stage modules imported first": dict(dashboard=True, tls=True, method="fork"),
 }
 
 
@@ -52,6 +54,8 @@ def child(n: int, dashboard: bool, tls: bool, method: str) -> dict:
 
     from pipeline.cluster import LOOPBACK, _local_cluster_config, _worker_class
 
+    if method == "fork":     # workers are copies of this process: what it imported, they have
+        _import_stage_modules()
     out = {"import_s": time.perf_counter() - t0}
     cfg = {**_local_cluster_config(), "distributed.worker.multiprocessing-method": method}
     t = time.perf_counter()
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(a.workers, **VARIANTS[a.child])))
         return 0
     rows = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for r in range(a.repeat):
         for name in a.variants:
             t = time.perf_counter()

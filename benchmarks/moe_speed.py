@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--tokens", help="a `curate tokenize` output: train on the micro-batches `curate train`'s stream "
+                                    "draws from it (static Sheared weights) instead of uniform random tokens")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--rounds", type=int, default=1, help="time every model this many times, interleaved")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {','.join(ALL_VARIANTS)}")
@@ -89,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS.get(a.preset, {}).items():
         setattr(a, key, value)
     if a.smoke:
-        a.hidden, a.layers, a.heads, a.vocab, a.experts, a.top_k, a.expert_size = 64, 2, 4, 256, 4, 2, 32
+        a.hidden, a.layers, a.heads, a.experts, a.top_k, a.expert_size = 64, 2, 4, 4, 2, 32
+        a.vocab = 256 if a.tokens is None else a.vocab
         a.batch, a.seq, a.steps, a.warmup, a.no_compile = 2, 32, 1, 1, True
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     a.layer_variants = a.variants if a.layer_variants is None else [v.strip() for v in a.layer_variants.split(",") if v.strip()]
@@ -183,20 +186,41 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def training_batches(a, vocab_size: int, count: int = 8) -> list[torch.Tensor]:
+    """The micro-batches every model trains on, cycled: uniform random tokens (two batches), or with
+    --tokens the first `count` that `curate train` would draw. Real text routes unevenly (frequent
+    tokens pick the same experts) where random tokens spread evenly, and that changes the expert GEMMs."""
+    if not a.tokens:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab_size, (a.batch, a.seq + 1), generator=gen) for _ in range(2)]
+    from samplers.config import SamplerConfig
+    from samplers.packed import PackedTokens
+    from samplers.stream import DomainStream
+
+    tokens = PackedTokens(a.tokens)
+    if tokens.vocab_size > vocab_size:
+        raise SystemExit(f"--tokens {a.tokens}: its tokenizer has {tokens.vocab_size} ids, the model {vocab_size}")
+    stream = DomainStream(tokens, SamplerConfig.from_dict({"kind": "static", "preset": "sheared"}),
+                          seq_len=a.seq)
+    try:
+        return [torch.as_tensor(stream.next_batch(a.batch)[0]) for _ in range(count)]
+    finally:
+        stream.close()
+
+
 class TrainingRun:
     """One model's training loop, kept alive so that several models can be timed in turns."""
 
     def __init__(self, model, cfg: ModelConfig, is_hf: bool, a, device):
         self.model, self.cfg, self.is_hf, self.a, self.device = model.to(device).train(), cfg, is_hf, a, device
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        gen = torch.Generator().manual_seed(0)
-        self.batches = [torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=gen).to(device) for _ in range(2)]
+        self.batches = [b.to(device) for b in training_batches(a, cfg.vocab_size)]
         self.i = 0
         # parameters, their gradients and AdamW's two moments: what this model holds whatever runs beside it
         self.static_bytes = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
 
     def step(self) -> torch.Tensor:
-        seq = self.batches[self.i % 2]
+        seq = self.batches[self.i % len(self.batches)]
         self.i += 1
         with autocast(self.device):
             if self.is_hf:
