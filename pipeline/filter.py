@@ -32,7 +32,7 @@ from pipeline.domains import DatasetManifest, load_dataset_manifest
 from pipeline.manifest import Tally, adds_up, model_hashes, package_versions, read_shard_manifest, write_json
 from pipeline.readers import MAX_LINE_BYTES, Shard, discover_shards
 from pipeline.shard_stage import failure_report, run_shards
-from pipeline.stages import FilterStage, load_on_workers, run_hash
+from pipeline.stages import FilterStage, InheritedChain, load_on_workers, run_hash
 from pipeline.writers import OutputLock, remove_temporaries, score_columns
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +89,12 @@ def run_filter(inputs: list[str], out: str | Path, config: str | None = None, wo
     cfg = load_filter_config(config)
     own = pool is None
     if own:     # starting workers takes seconds: let them start while the driver checks its inputs
-        pool = WorkerPool(workers, scheduler, dashboard=dashboard, tls=tls)
+        def preload() -> None:      # forked workers inherit the loaded chain instead of loading their own
+            ds = load_dataset_manifest(dataset)
+            models = model_hashes([f.describe() for f in build_filters(cfg)])
+            InheritedChain.load(cfg, run_hash(cfg, models, ds, max_line_bytes))
+
+        pool = WorkerPool(workers, scheduler, dashboard=dashboard, tls=tls, preload=preload)
     try:
         ds = load_dataset_manifest(dataset)
         shards = discover_shards(list(inputs), ds)

@@ -55,8 +55,22 @@ def run_hash(cfg: FilterConfig, models: dict[str, str], dataset: DatasetManifest
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class InheritedChain:
+    """A chain the driver loaded before its local worker processes were forked from it
+    (`WorkerPool(preload=...)`): each worker takes it for the same run key instead of loading its
+    own, and its models stay one copy in memory, the pages shared with the driver and every other
+    worker. Class state because a forked process inherits nothing else: its Worker objects are new."""
+
+    key: str | None = None
+    chain: list[DocumentFilter] | None = None
+
+    @classmethod
+    def load(cls, cfg: FilterConfig, key: str) -> None:
+        cls.key, cls.chain = key, load_chain(cfg)
+
+
 def worker_chain(cfg: FilterConfig, key: str) -> list[DocumentFilter]:
-    """The loaded chain of this worker, built on first use for this key."""
+    """The loaded chain of this worker, built on first use for this key (or inherited)."""
     import distributed
 
     try:
@@ -64,6 +78,8 @@ def worker_chain(cfg: FilterConfig, key: str) -> list[DocumentFilter]:
     except ValueError:          # called outside a Dask worker (a benchmark, a test): no cache
         return load_chain(cfg)
     cached = getattr(worker, "curate_filter_chain", None)
+    if cached is None and InheritedChain.key == key:
+        worker.curate_filter_chain = cached = (key, InheritedChain.chain)
     if cached is None or cached[0] != key:
         # one chain per worker: a new config replaces the old one instead of piling up models
         worker.curate_filter_chain = (key, load_chain(cfg))

@@ -13,7 +13,7 @@ import pytest
 
 from common.errors import CurateError
 from pipeline import shard_stage
-from pipeline.cluster import WorkerPool, dask_client
+from pipeline.cluster import WorkerPool, dask_client, fork_workers
 from pipeline.shard_stage import MAX_GROUP_BYTES, ShardTask, failure_report, plan_groups, run_shards
 
 
@@ -131,3 +131,30 @@ def test_stats_from_the_tasks_equal_stats_read_back(sample_dir, sample_models, t
     m = run_filter([str(sample_dir / "train")], out, config=str(cfg), progress=False)
     assert m["shards"]["skipped"] == len(markers) - 1
     assert json.loads((out / "stats.json").read_text()) == first
+
+
+@pytest.mark.skipif(not fork_workers(), reason="worker processes are forked only on Linux")
+def test_forked_workers_inherit_the_drivers_loaded_chain(sample_models, tmp_path):
+    """Local worker processes are forked from the driver after it loaded the chain (`preload`): each
+    one scores with the very model objects the driver loaded (same addresses: shared pages, no second
+    load), while a config the driver did not load is loaded by the worker itself."""
+    import os
+
+    from filters.config import parse_filter_config
+    from pipeline.stages import InheritedChain, worker_chain
+
+    cfg = parse_filter_config({"ads": {"model": str(sample_models / "ads.bin"), "threshold": 0.5}})
+    other = parse_filter_config({"ads": {"model": str(sample_models / "ads.bin"), "threshold": 0.7}})
+
+    def model_address(cfg, key):
+        return os.getpid(), id(worker_chain(cfg, key)[-1]._model)
+
+    with WorkerPool(workers=2, quiet=True, preload=lambda: InheritedChain.load(cfg, "run-a")) as pool:
+        client = pool.client()
+        workers = list(client.scheduler_info()["workers"])
+        inherited = [client.submit(model_address, cfg, "run-a", workers=[w], pure=False).result() for w in workers]
+        fresh = client.submit(model_address, other, "run-b", workers=[workers[0]], pure=False).result()
+    driver = id(InheritedChain.chain[-1]._model)
+    assert len({pid for pid, _ in inherited}) == 2 and os.getpid() not in {pid for pid, _ in inherited}
+    assert {address for _, address in inherited} == {driver}
+    assert fresh[1] != driver
