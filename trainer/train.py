@@ -273,7 +273,7 @@ class Trainer:
                                       "loss": all_reduce_mean(host["loss"], self.ctx),
                                       "aux_loss": all_reduce_mean(host["aux_loss"], self.ctx), "lr": lr,
                                       "grad_norm": host["grad_norm"], "tokens_per_s": tokens_per_s, "mfu": mfu,
-                                      "max_mem_gb": self.max_memory(),
+                                      "max_mem_gb": self.max_memory(), "alloc_retries": self.alloc_retries(),
                                       **({"distill_kl": all_reduce_mean(host["distill_kl"], self.ctx)}
                                          if self.teacher is not None else {})},
                                      expert_load=self.expert_load())
@@ -395,6 +395,13 @@ class Trainer:
         if self.ctx.device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.ctx.device) / 1e9
+
+    def alloc_retries(self) -> int | None:
+        """Times so far CUDA's caching allocator had to free its cache and retry an allocation (each one
+        syncs the device): non-zero means fragmentation is costing speed. None on CPU."""
+        if self.ctx.device.type != "cuda":
+            return None
+        return torch.cuda.memory_stats(self.ctx.device).get("num_alloc_retries", 0)
 
     def expert_load(self) -> dict[str, list[float]]:
         """Fraction of routed tokens per expert in each layer for the last micro-batch, summed over ranks."""
