@@ -1,6 +1,6 @@
 """Arrow arrays for the filter output's columns, built from their buffers rather than by `pa.array`.
 
-    strings(["a", "é"])                  # pa.string(), no nulls
+    strings(["a", "é", None])            # pa.string(), None becomes null
     int64s(np.array([1, 2]))             # pa.int64(), no nulls
     floats(np.array([0.5, np.nan]))      # pa.float64(), NaN (not scored) becomes null
 
@@ -20,16 +20,23 @@ import pyarrow as pa
 MAX_STRING_BYTES = (1 << 31) - 1
 
 
-def strings(values: Sequence[str]) -> pa.Array:
-    """A pa.string() array of Python strings (UTF-8, as pa.array encodes them)."""
-    data = [v.encode("utf-8") for v in values]
+def strings(values: Sequence[str | None]) -> pa.Array:
+    """A pa.string() array of Python strings (UTF-8, as pa.array encodes them); None becomes null
+    (the domain of a malformed line that has none)."""
+    data = [b"" if v is None else v.encode("utf-8") for v in values]
     offsets = np.zeros(len(data) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=len(data)), out=offsets[1:])
     if offsets[-1] > MAX_STRING_BYTES:
         # never reached by the writer: a batch holds at most 32 MiB of text plus one line of 64 MiB
         raise ValueError(f"{offsets[-1]} bytes of strings do not fit in one Arrow string array")
+    nulls = sum(v is None for v in values) if None in values else 0
+    bitmap = None
+    if nulls:
+        valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(data))
+        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
     return pa.Array.from_buffers(pa.string(), len(data),
-                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))])
+                                 [bitmap, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))],
+                                 null_count=nulls)
 
 
 def int64s(values: np.ndarray | Sequence[int]) -> pa.Array:

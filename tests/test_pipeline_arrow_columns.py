@@ -15,6 +15,10 @@ def test_strings_as_pa_array():
     assert got.equals(pa.array(values, pa.string()))
     got.validate(full=True)
     assert arrow_columns.strings([]).equals(pa.array([], pa.string()))
+    with_nulls = [None, "a", None, "é"] + ["b"] * 9
+    got = arrow_columns.strings(with_nulls)
+    assert got.equals(pa.array(with_nulls, pa.string())) and got.null_count == 2
+    got.validate(full=True)
 
 
 def test_numbers_as_pa_array():
