@@ -27,18 +27,19 @@ from common.errors import CurateError
 from common.files import file_sha256
 from filters.base import ModelFilter, Rule, reasons_where, side, split_default
 from filters.calibrate import in_domains, per_domain, removes_side
-from filters.fasttext_model import label_probability, load_classifier
-from filters.normalize import normalize_texts
+from filters.fasttext_model import line_probability, load_classifier
+from filters.normalize import fasttext_lines
 
 KEEP_IF = ("low", "high")
 PREPARE = ("normalize", "join_lines")
 
 
-def prepare_texts(texts: Sequence[str], how: str) -> list[str]:
+def prepare_texts(texts: Sequence[str], how: str) -> list[bytes]:
+    """The texts as fastText input lines (UTF-8, one b"\n" at the end), shaped by `how`."""
     if how == "normalize":
-        return normalize_texts(texts)
+        return fasttext_lines(texts)
     # fastText's predict refuses a newline inside a text, and reads \r, \t, \v, \f as separators anyway
-    return [" ".join(t.split("\n")) for t in texts]
+    return [t.replace("\n", " ").encode("utf-8") + b"\n" for t in texts]
 
 
 class ClassifierFilter(ModelFilter):
@@ -79,7 +80,7 @@ class ClassifierFilter(ModelFilter):
         p = np.full(len(texts), np.nan)
         idx = np.flatnonzero(in_domains(domains, self.domains))
         if idx.size:
-            p[idx] = label_probability(self._model, prepare_texts([texts[i] for i in idx], self.prepare),
+            p[idx] = line_probability(self._model, prepare_texts([texts[i] for i in idx], self.prepare),
                                        self.label)
         return {self.column: p}
 

@@ -1,7 +1,8 @@
 """fastText classifiers as the filters use them: load with checks, batched p(label).
 
     model = load_classifier("ads.bin", task="ads")
-    p_ad = label_probability(model, normalize_texts(texts), "ad")
+    p_ad = line_probability(model, fasttext_lines(texts), "ad")      # what the filters call
+    p_ad = label_probability(model, normalize_texts(texts), "ad")     # the same from str lines
 
 `TASKS` maps each task to its two labels, the positive one (the one the filter removes) first.
 """
@@ -105,14 +106,25 @@ def _check_complete(model, path: Path, what: str) -> None:
 
 
 def label_probability(model, texts: Sequence[str], label: str) -> np.ndarray:
-    """p(label) for each normalised one-line text, in one batched `predict` call.
+    """p(label) for each normalised one-line text (str, no newline inside), in one batched call."""
+    if any("\n" in t for t in texts):
+        raise ValueError("fastText predicts one line at a time: a text holds a newline")
+    return line_probability(model, [t.encode("utf-8") + b"\n" for t in texts], label)
 
+
+def line_probability(model, lines: Sequence[bytes], label: str) -> np.ndarray:
+    """p(label) for each fastText input line: UTF-8 bytes ending in b"\n" and holding no other
+    newline (`normalize.fasttext_lines` makes them), in one batched call.
+
+    It calls the binding's `multilinePredict`, as FastText.predict does, but skips that wrapper's
+    per-text check and copy (it appends the "\n" to each str) and pybind's str -> UTF-8 encoding:
+    fastText receives the same bytes either way, so the scores are the same, bit for bit.
     Asks for every label (k=-1) and divides by their sum: fastText adds 1e-5 to each probability
     it returns, so the raw value can exceed 1; the ratio is the model's probability, in [0, 1].
     """
-    if not texts:
+    if not lines:
         return np.full(0, np.nan)
     target = PREFIX + label
-    labels, probs = model.predict(list(texts), k=-1)
+    labels, probs = model.f.multilinePredict(list(lines), -1, 0.0, "strict")
     probs = np.asarray(probs, dtype=np.float64)          # [n, n_labels], each row in its own label order
     return (probs * (np.asarray(labels) == target)).sum(1) / probs.sum(1)

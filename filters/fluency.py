@@ -26,8 +26,8 @@ from filters.base import ModelFilter, Rule, split_default
 from filters.ccnet import PieceScorer, sentences_perplexity
 from filters.calibrate import in_domains, per_domain, removes
 from common.errors import CurateError
-from filters.fasttext_model import label_probability, load_classifier
-from filters.normalize import normalize_lines, normalize_texts
+from filters.fasttext_model import line_probability, load_classifier
+from filters.normalize import fasttext_lines, normalize_lines
 
 
 def load_kenlm(path: str | Path, what: str = "KenLM model"):
@@ -123,7 +123,7 @@ class DisfluencyFilter(ModelFilter):
             out[PERPLEXITY_COLUMN][idx] = (perplexities(self._lm, chosen) if self._sp is None else
                                       PieceScorer(self._lm, self._sp, self.perplexity_mode).perplexities(chosen))
         if self._clf is not None:
-            out["disfluency_score"][idx] = label_probability(self._clf, normalize_texts(chosen), "disfluent")
+            out["disfluency_score"][idx] = line_probability(self._clf, fasttext_lines(chosen), "disfluent")
         return out
 
     def decide(self, scores: dict[str, np.ndarray], domains: Sequence[str]) -> np.ndarray:

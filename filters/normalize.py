@@ -2,6 +2,7 @@
 
     normalize_text(text)          one document -> one line, for fastText (newlines become spaces)
     normalize_lines(text)         one document -> its non-empty normalised lines, for KenLM
+    fasttext_lines(texts)         normalize_text of each, as the UTF-8 line (ending in b"\n") fastText reads
 
 Both apply the same character rules, which cc_net uses for its KenLM models:
 lowercase; accents stripped (NFKD, then combining marks dropped); every digit -> "0"; Unicode
@@ -77,7 +78,8 @@ class _FoldedRuns(dict):
 _FOLDED = _FoldedRuns()
 
 
-def _normalize(text: str, table: bytes) -> str:
+def _normalize_utf8(text: str, table: bytes) -> bytes:
+    """The normalised text as UTF-8 bytes (always valid UTF-8: folding removes lone surrogates)."""
     # surrogatepass: a lone surrogate (possible in JSON text) becomes a high-byte run like any
     # other non-ASCII character, and folding removes it
     data = text.encode("utf-8", "surrogatepass")
@@ -93,7 +95,11 @@ def _normalize(text: str, table: bytes) -> str:
         data = b"".join(pieces)
     # every byte below 0x80 in UTF-8 is an ASCII character, so the byte table (which also
     # lowercases A-Z) is safe on any text, and one pass does all the ASCII rules
-    return data.translate(table, _DELETE).decode("utf-8")
+    return data.translate(table, _DELETE)
+
+
+def _normalize(text: str, table: bytes) -> str:
+    return _normalize_utf8(text, table).decode("utf-8")
 
 
 def normalize_text(text: str) -> str:
@@ -104,6 +110,14 @@ def normalize_text(text: str) -> str:
 def normalize_texts(texts: Iterable[str]) -> list[str]:
     """`normalize_text` over a batch."""
     return [_normalize(t, _ONE_LINE) for t in texts]
+
+
+def fasttext_lines(texts: Iterable[str]) -> list[bytes]:
+    """`normalize_text` of each text as fastText's input line: its UTF-8 bytes plus the b"\n" that
+    fastText's predict appends to every text (read as the end-of-sentence token, so it counts).
+    The scoring filters hand these to `fasttext_model.line_probability`: bytes go into fastText's
+    C++ strings as they are, where a str would be decoded here and encoded again there."""
+    return [_normalize_utf8(t, _ONE_LINE) + b"\n" for t in texts]
 
 
 def normalize_lines(text: str) -> list[str]:

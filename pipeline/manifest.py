@@ -58,7 +58,11 @@ class Tally:
     def count(self, domain: str | None, reason: str | None) -> None:
         """One document: reason None = kept, `malformed:<what>`, or a filter's reason."""
         _add(self.total, reason)
-        _add(self.by_domain.setdefault(domain or UNKNOWN_DOMAIN, empty_counts()), reason)
+        key = domain or UNKNOWN_DOMAIN
+        counts = self.by_domain.get(key)       # not setdefault: that builds an empty dict every call
+        if counts is None:
+            counts = self.by_domain[key] = empty_counts()
+        _add(counts, reason)
 
     def merge(self, counts: dict) -> None:
         """Add a manifest-style dict (totals plus by_domain)."""

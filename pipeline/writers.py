@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from common.errors import CurateError
 from common.files import TMP_SUFFIX, is_temporary, temporary_path
+from pipeline import arrow_columns
 from filters.config import REQUIRED_SCORES    # score columns every output has, filled or not
 
 ROW_GROUP_ROWS = 4096
@@ -158,16 +159,17 @@ class ShardOutput:
                 reasons: Sequence[str | None] | None) -> None:
         recs = [records[i] for i in rows]
         texts = [r.text for r in recs]
-        columns = [pa.array([r.id for r in recs], pa.string()), pa.array(texts, pa.string()),
-                   pa.array([r.domain for r in recs], pa.string()), pa.array([r.source for r in recs], pa.string()),
-                   pa.array([r.line for r in recs], pa.int64())]
+        # arrow_columns, not pa.array: its first call imports pandas (0.27 s a process)
+        columns = [arrow_columns.strings([r.id for r in recs]), arrow_columns.strings(texts),
+                   arrow_columns.strings([r.domain for r in recs]), arrow_columns.strings([r.source for r in recs]),
+                   arrow_columns.int64s([r.line for r in recs])]
         for c in self.scores:
             v = scores.get(c)
-            # from_pandas: NaN (not scored) becomes null, as readers of the output expect
+            # NaN (not scored) becomes null, as readers of the output expect
             columns.append(pa.nulls(len(rows), pa.float64()) if v is None
-                           else pa.array(np.asarray(v, dtype=np.float64)[rows], from_pandas=True))
+                           else arrow_columns.floats(np.asarray(v, dtype=np.float64)[rows]))
         if reasons is not None:
-            columns.append(pa.array([reasons[i] for i in rows], pa.string()))
+            columns.append(arrow_columns.strings([reasons[i] for i in rows]))
         nbytes = sum(map(len, texts))
         before = sink.buffered_bytes
         sink.append(pa.RecordBatch.from_arrays(columns, schema=sink.schema), nbytes)
